@@ -1,0 +1,57 @@
+"""Shared fixtures: one tiny synthetic dataset, planned and preprocessed once per test session."""
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR, NNUNET_FOLDERS, ext_trainer_value
+
+TEST_TRAINER_DIR = Path(__file__).parent / "ext_trainers"
+BIN = Path(sys.executable).parent
+TINY_DATASET_ID = 7
+TINY_SHAPE = (16, 32, 32)
+
+
+def cli(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a console script installed in this environment (nnunet-ext, nnUNetv2_*)."""
+    result = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+def nnunet_env(root: Path) -> dict:
+    """Environment for nnU-Net CLIs on CPU with data under ``root`` and the test trainers findable."""
+    env = {k: v for k, v in os.environ.items() if k not in NNUNET_FOLDERS and k != EXT_TRAINER_VAR}
+    env.update({var: str(root / var) for var in NNUNET_FOLDERS})
+    env[EXT_TRAINER_VAR] = ext_trainer_value(str(TEST_TRAINER_DIR))
+    env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnUNet_compile="false")
+    return env
+
+
+@dataclass
+class TinyDataset:
+    root: Path
+    env: dict
+    dataset_id: int
+    raw: Path  # the raw dataset folder (imagesTr, labelsTr, imagesTs, labelsTs, ...)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> TinyDataset:
+    """synth -> nnUNetv2_plan_and_preprocess -> nnunet-ext plans tiny, through the real CLIs."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_env(root)
+    ds = str(TINY_DATASET_ID)
+    cli("nnunet-ext", "synth", "-d", ds, "--cases", "5", "--test-cases", "1",
+        "--size", *map(str, TINY_SHAPE), "--every", "4", env=env)
+    cli("nnUNetv2_plan_and_preprocess", "-d", ds, "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity",
+        env=env)
+    cli("nnunet-ext", "plans", "tiny", "-d", ds, env=env)
+    raw = next((root / "nnUNet_raw").glob(f"Dataset{TINY_DATASET_ID:03d}_*"))
+    return TinyDataset(root=root, env=env, dataset_id=TINY_DATASET_ID, raw=raw)
