@@ -1,0 +1,110 @@
+"""Plans variants derived from nnU-Net's auto-configured plans.
+
+A variant keeps every configuration's ``data_identifier``, so it trains on the preprocessed data that
+``nnUNetv2_plan_and_preprocess`` already wrote; select it with ``nnUNetv2_train ... -p <variant>``.
+"""
+
+import json
+import os
+import tempfile
+from copy import deepcopy
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from nnunet_ext.errors import UserError
+from nnunet_ext.nnunet_paths import dataset_folder
+
+# (configuration name, resolved configuration) -> keys to set in that configuration of the variant
+ConfigurationEdit = Callable[[str, dict], dict]
+
+TINY_PLANS = "nnUNetPlans_tiny"
+TINY_STAGES = 3
+TINY_FEATURES = (8, 16, 32)
+TINY_BATCH_SIZE = 2
+# Largest patch edge per dimensionality: small enough for sub-second CPU iterations, large enough for 3 stages.
+TINY_PATCH_EDGE = {2: 64, 3: 32}
+
+
+def resolve_configuration(plans: dict, name: str) -> dict:
+    """A configuration with its ``inherits_from`` chain applied (parents first), like nnU-Net's PlansManager."""
+    configuration = deepcopy(plans["configurations"][name])
+    parent = configuration.pop("inherits_from", None)
+    if parent is None:
+        return configuration
+    resolved = resolve_configuration(plans, parent)
+    resolved.update(configuration)
+    return resolved
+
+
+def derive_plans(dataset: str | int, source: str, target: str, edit: ConfigurationEdit) -> Path:
+    """Write ``<target>.json`` beside ``<source>.json`` in the dataset's preprocessed folder.
+
+    Args:
+        dataset: dataset id or name in ``$nnUNet_preprocessed``.
+        source: plans identifier to derive from, e.g. ``nnUNetPlans``.
+        target: plans identifier of the new variant (its ``plans_name``).
+        edit: called once per configuration with the resolved configuration; the keys it returns are set
+            in that configuration (inheritance links are kept).
+    Returns:
+        Path of the written plans file (written atomically).
+    """
+    folder = dataset_folder(dataset)
+    source_file = folder / f"{source}.json"
+    if not source_file.is_file():
+        available = sorted(p.stem for p in folder.glob("*Plans*.json"))
+        raise UserError(f"plans {source!r} not found in {folder} (available: {', '.join(available) or 'none'}): "
+                        f"run `nnUNetv2_plan_and_preprocess -d ID` or pass -p with one of these")
+    if target == source:
+        raise UserError(f"the variant name {target!r} equals its source plans: choose another name")
+    plans = json.loads(source_file.read_text())
+    derived = deepcopy(plans)
+    derived["plans_name"] = target
+    for name in plans["configurations"]:
+        derived["configurations"][name].update(edit(name, resolve_configuration(plans, name)))
+    return _write_json_atomically(folder / f"{target}.json", derived)
+
+
+def _write_json_atomically(path: Path, content: dict) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f, indent=4, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def tiny_configuration(name: str, configuration: dict) -> dict:
+    """CPU-sized edit of one configuration: 3 stages of 8/16/32 features, one conv each, patch <= 32^3 (64^2).
+
+    Strides and kernel sizes are the first stages of the auto-configured ones, so the anisotropy handling of
+    the original plans is kept; each patch edge stays divisible by the network's total stride along it.
+    """
+    architecture = deepcopy(configuration["architecture"])
+    kwargs = architecture["arch_kwargs"]
+    n_stages = min(TINY_STAGES, kwargs["n_stages"])
+    strides = kwargs["strides"][:n_stages]
+    total_stride = np.prod(np.array(strides, dtype=int), axis=0)
+    cap = TINY_PATCH_EDGE[len(configuration["patch_size"])]
+    patch_size = [int(max(s, min(p, cap) // s * s)) for p, s in zip(configuration["patch_size"], total_stride)]
+    kwargs.update(
+        n_stages=n_stages,
+        features_per_stage=[min(f, t) for f, t in zip(kwargs["features_per_stage"], TINY_FEATURES)],
+        strides=strides,
+        kernel_sizes=kwargs["kernel_sizes"][:n_stages],
+        n_conv_per_stage_decoder=[1] * (n_stages - 1),
+    )
+    # PlainConvUNet counts convs per stage, the residual encoder U-Nets count blocks.
+    for key in ("n_conv_per_stage", "n_blocks_per_stage"):
+        if key in kwargs:
+            kwargs[key] = [1] * n_stages
+    return {"patch_size": patch_size, "batch_size": TINY_BATCH_SIZE, "architecture": architecture}
+
+
+def derive_tiny_plans(dataset: str | int, source: str = "nnUNetPlans", target: str = TINY_PLANS) -> Path:
+    """``nnunet-ext plans tiny``: a CPU-sized variant of ``source`` on the same preprocessed data."""
+    return derive_plans(dataset, source, target, tiny_configuration)
