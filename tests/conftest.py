@@ -27,11 +27,17 @@ def cli(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProces
 
 def nnunet_env(root: Path) -> dict:
     """Environment for nnU-Net CLIs on CPU with data under ``root`` and the test trainers findable."""
-    env = {k: v for k, v in os.environ.items() if k not in NNUNET_FOLDERS and k != EXT_TRAINER_VAR}
+    inherited = (*NNUNET_FOLDERS, EXT_TRAINER_VAR, "nnUNet_n_proc_DA")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     env.update({var: str(root / var) for var in NNUNET_FOLDERS})
     env[EXT_TRAINER_VAR] = ext_trainer_value(str(TEST_TRAINER_DIR))
-    env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnUNet_compile="false")
+    env.update(nnUNet_def_n_proc="1", nnUNet_compile="false")
     return env
+
+
+def train_env(env: dict) -> dict:
+    """Augmentation in the main process; not for planning, which sets torch's thread count from this value."""
+    return {**env, "nnUNet_n_proc_DA": "0"}
 
 
 @dataclass
@@ -50,7 +56,8 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
     ds = str(TINY_DATASET_ID)
     cli("nnunet-ext", "synth", "-d", ds, "--cases", "5", "--test-cases", "1",
         "--size", *map(str, TINY_SHAPE), "--every", "4", env=env)
-    cli("nnUNetv2_plan_and_preprocess", "-d", ds, "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity",
+    cli("nnUNetv2_plan_and_preprocess", "-d", ds, "-c", "3d_fullres", "-np", "1", "-npfp", "1",
+        "--verify_dataset_integrity",
         env=env)
     cli("nnunet-ext", "plans", "tiny", "-d", ds, env=env)
     raw = next((root / "nnUNet_raw").glob(f"Dataset{TINY_DATASET_ID:03d}_*"))

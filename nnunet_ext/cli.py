@@ -1,0 +1,96 @@
+"""``nnunet-ext``: one thin command over the library; every subcommand maps to one function."""
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from nnunet_ext.errors import UserError
+from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR, NNUNET_FOLDERS, ext_trainer_value, require_folder
+
+
+def _env(args) -> None:
+    lines = []
+    if args.root is not None:
+        root = Path(args.root).expanduser().resolve()
+        lines += [f"export {var}={shlex.quote(str(root / var))}" for var in NNUNET_FOLDERS]
+    lines.append(f"export {EXT_TRAINER_VAR}={shlex.quote(ext_trainer_value(os.environ.get(EXT_TRAINER_VAR)))}")
+    print("\n".join(lines))
+
+
+def _synth(args) -> None:
+    from nnunet_ext.synth import write_synthetic_dataset
+
+    raw_dir = Path(args.out) if args.out else require_folder("nnUNet_raw")
+    every, n_slices = (None, args.slices) if args.slices is not None else (args.every, None)
+    folder = write_synthetic_dataset(raw_dir, args.dataset_id, name=args.name, num_cases=args.cases,
+                                     num_test_cases=args.test_cases, shape=tuple(args.size),
+                                     spacing=tuple(args.spacing), axis=args.axis, every=every,
+                                     n_slices=n_slices, seed=args.seed)
+    print(f"wrote {folder}")
+
+
+def _plans_tiny(args) -> None:
+    from nnunet_ext.plans import derive_tiny_plans
+
+    path = derive_tiny_plans(args.dataset, source=args.plans, target=args.name)
+    print(f"wrote {path}\ntrain with: nnUNetv2_train {args.dataset} 3d_fullres FOLD -p {path.stem} -device cpu")
+
+
+def _demo(args) -> None:
+    from nnunet_ext.demo import run_demo
+
+    run_demo(Path(args.out), device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet-ext", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    env = commands.add_parser("env", help="print the export lines nnU-Net needs to find our trainers")
+    env.add_argument("--root", help="also print nnUNet_raw/_preprocessed/_results exports for folders under ROOT")
+    env.set_defaults(func=_env)
+
+    synth = commands.add_parser("synth", help="write a synthetic sparsely annotated microscopy dataset")
+    synth.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    synth.add_argument("--name", default="SynthMicroscopy", help="dataset name (DatasetXXX_<name>)")
+    synth.add_argument("--out", help="raw folder to write into (default: $nnUNet_raw)")
+    synth.add_argument("--cases", type=int, default=6, help="training cases")
+    synth.add_argument("--test-cases", type=int, default=2, help="test cases (imagesTs + dense labelsTs)")
+    synth.add_argument("--size", type=int, nargs=3, default=(24, 64, 64), metavar=("Z", "Y", "X"))
+    synth.add_argument("--spacing", type=float, nargs=3, default=(4.0, 1.0, 1.0), metavar=("Z", "Y", "X"))
+    synth.add_argument("--axis", type=int, default=0, help="annotation axis in (z, y, x) order")
+    sparsity = synth.add_mutually_exclusive_group()
+    sparsity.add_argument("--every", type=int, default=4, help="annotate every k-th slice (default 4)")
+    sparsity.add_argument("--slices", type=int, help="annotate N evenly spaced slices instead")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_synth)
+
+    plans = commands.add_parser("plans", help="derive a plans variant from the auto-configured plans")
+    variants = plans.add_subparsers(dest="variant", required=True, metavar="VARIANT")
+    tiny = variants.add_parser("tiny", help="CPU-sized network and patch on the same preprocessed data")
+    tiny.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    tiny.add_argument("-p", "--plans", default="nnUNetPlans", help="source plans identifier")
+    tiny.add_argument("-o", "--name", default="nnUNetPlans_tiny", help="name of the new plans variant")
+    tiny.set_defaults(func=_plans_tiny)
+
+    demo = commands.add_parser("demo", help="synth -> preprocess -> train -> predict -> Dice, on CPU")
+    demo.add_argument("--out", default="nnunet_ext_demo", help="output folder (default: ./nnunet_ext_demo)")
+    demo.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as error:
+        print(f"nnunet-ext: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
