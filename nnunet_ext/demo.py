@@ -29,7 +29,7 @@ DEMO_SYNTH = dict(name="SynthDemo", num_cases=6, num_test_cases=2, shape=(24, 64
 DEMO_FOLD = "0"
 MARKER = "nnunet_ext_demo.json"
 EPOCH_LINE = re.compile(r"\bEpoch \d+\s*$")
-PREDICT_LINE = re.compile(r"^Predicting .+:\s*$")
+PREDICT_LINE = re.compile(r"^perform_everything_on_device:")  # printed once per case
 
 
 def nnunet_command(name: str) -> str:
@@ -143,7 +143,7 @@ def run_demo(out: Path, device: str = "cpu", trainers: tuple[str, ...] = DEMO_TR
         run_logged(f"predict {trainer}", [nnunet_command("nnUNetv2_predict"), "-i", str(dataset / "imagesTs"),
                                           "-o", str(predictions), "-d", str(dataset_id), "-c", "3d_fullres",
                                           "-f", fold, "-tr", trainer, "-p", TINY_PLANS, "-device", device,
-                                          "-npp", nproc, "-nps", nproc],
+                                          "-npp", "0", "-nps", "0"],  # small volumes: worker start-up costs more
                    env, logs / f"predict_{trainer}.log", progress=PREDICT_LINE, total=synth["num_test_cases"])
         results[trainer] = score_predictions(predictions, dataset / "labelsTs", LABELS)
 

@@ -23,6 +23,7 @@ class TrainingBudgetMixin:
 class nnUNetTrainer_demo(TrainingBudgetMixin, nnUNetTrainer):
     """Stock nnU-Net training on the short budget of ``nnunet-ext demo`` (CPU, tiny plans)."""
 
-    budget_epochs = 30
-    budget_iterations_per_epoch = 12
-    budget_val_iterations_per_epoch = 3
+    # Few long epochs: nnU-Net's per-epoch plotting and checkpointing cost about a second each on CPU.
+    budget_epochs = 25
+    budget_iterations_per_epoch = 40
+    budget_val_iterations_per_epoch = 4
