@@ -1,7 +1,6 @@
 """Training length as class attributes: nnU-Net hard-codes 1000 epochs x 250 iterations in ``__init__``."""
 
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
 class TrainingBudgetMixin:
@@ -18,12 +17,3 @@ class TrainingBudgetMixin:
         self.num_epochs = self.budget_epochs
         self.num_iterations_per_epoch = self.budget_iterations_per_epoch
         self.num_val_iterations_per_epoch = self.budget_val_iterations_per_epoch
-
-
-class nnUNetTrainer_demo(TrainingBudgetMixin, nnUNetTrainer):
-    """Stock nnU-Net training on the short budget of ``nnunet-ext demo`` (CPU, tiny plans)."""
-
-    # Few long epochs: nnU-Net's per-epoch plotting and checkpointing cost about a second each on CPU.
-    budget_epochs = 25
-    budget_iterations_per_epoch = 40
-    budget_val_iterations_per_epoch = 4

@@ -1,0 +1,160 @@
+"""MeanTeacherTrainer / MeanTeacherContinuityTrainer inside nnU-Net: real CLIs, checkpoints, exact resume."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from conftest import TINY_SHAPE, cli, train_env
+from nnunet_ext.steptime import build_trainer, draw_batches
+from nnunet_ext.trainers import MeanTeacherContinuityTrainer, MeanTeacherTrainer
+from nnunet_ext.semi_supervised import unwrap
+
+pytestmark = pytest.mark.integration
+TRAINER = "MeanTeacherContinuityTrainer_exttest"
+
+
+def test_names_and_defaults_of_the_paper():
+    assert MeanTeacherTrainer.continuity_weight == 0.0
+    assert MeanTeacherContinuityTrainer.continuity_weight == 10.0
+    for attribute, value in [("ema_alpha", 0.999), ("temperature", 0.5), ("confidence_threshold", 0.8),
+                             ("consistency_weight", 10.0), ("rampup_fraction", 0.2), ("random_patch_fraction", 0.5)]:
+        assert getattr(MeanTeacherContinuityTrainer, attribute) == value
+
+
+def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
+    env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
+    args = [ds, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnUNetPlans_tiny", "-device", "cpu"]
+    cli("nnUNetv2_train", *args, env=env)
+    fold = next((tiny_dataset.root / "nnUNet_results").glob(f"Dataset007_*/{TRAINER}__nnUNetPlans_tiny__3d_fullres"
+                                                            "/fold_0"))
+    log = "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
+    assert "continuity loss along preprocessed axis 0 (dataset.json annotation_axis=0" in log
+    assert "'consistency_weight': 10.0" in log and "'continuity_weight': 10.0" in log
+    assert log.count("loss_sup ") == 2 and "passed_fraction" in log  # one SSL line per epoch
+    assert (fold / "ssl_progress.png").is_file() and (fold / "progress.png").is_file()
+
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["trainer_name"] == TRAINER
+    teacher, student = final["network_weights"], final["student_weights"]
+    assert teacher.keys() == student.keys()
+    # 6 EMA updates with warm-up (alpha_5 = 5/6): the teacher lags behind the student.
+    assert final["ema_step"] == 6
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+
+    out = tiny_dataset.root / "predictions_mt"
+    cli("nnUNetv2_predict", "-i", str(tiny_dataset.raw / "imagesTs"), "-o", str(out), "-d", ds, "-c", "3d_fullres",
+        "-f", "0", "-tr", TRAINER, "-p", "nnUNetPlans_tiny", "-device", "cpu", "-npp", "0", "-nps", "0",
+        env=tiny_dataset.env)
+    (prediction,) = out.glob("*.nii.gz")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
+    assert array.shape == TINY_SHAPE and set(np.unique(array)) <= {0, 1, 2}
+
+    # Resume: without the final checkpoint, --c continues from checkpoint_best (saved after epoch 0).
+    (fold / "checkpoint_final.pth").unlink()
+    best_epoch = torch.load(fold / "checkpoint_best.pth", map_location="cpu", weights_only=False)["current_epoch"]
+    cli("nnUNetv2_train", *args, "--c", env=env)
+    resumed = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert resumed["current_epoch"] == 2
+    assert resumed["ema_step"] == 3 * best_epoch + 3 * (2 - best_epoch)
+    log = "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
+    assert log.count("loss_sup ") == 2 + (2 - best_epoch)
+
+
+@pytest.fixture
+def in_process(tiny_dataset, monkeypatch, tmp_path):
+    """Build trainers in this process on the shared tiny dataset (results in tmp_path)."""
+    for key, value in train_env(tiny_dataset.env).items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+
+    def build(trainer_class=MeanTeacherContinuityTrainer):
+        return build_trainer(trainer_class, tiny_dataset.dataset_id, "nnUNetPlans_tiny", scratch=str(tmp_path))
+
+    return build
+
+
+def state_of(trainer):
+    return {"student": copy.deepcopy(unwrap(trainer.network).state_dict()),
+            "teacher": copy.deepcopy(trainer.teacher.module.state_dict()),
+            "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+            "ema_step": trainer.teacher.step, "epoch": trainer.current_epoch}
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_round_trip_resumes_the_exact_next_step(in_process, tmp_path):
+    trainer = in_process()
+    batches = draw_batches(trainer, 3)
+    trainer.current_epoch = 2  # mid ramp-up, so both SSL weights are non-zero
+    for batch in batches[:2]:
+        trainer.train_step(batch)
+    path = str(tmp_path / "checkpoint.pth")
+    trainer.save_checkpoint(path)
+
+    resumed = in_process()
+    resumed.load_checkpoint(path)
+    before, after = state_of(trainer), state_of(resumed)
+    assert after["ema_step"] == before["ema_step"] == 2
+    assert after["epoch"] == before["epoch"] + 1  # nnU-Net stores the epoch to continue with
+    assert_same_tensors(before["student"], after["student"])
+    assert_same_tensors(before["teacher"], after["teacher"])
+    assert json.dumps(before["optimizer"]["param_groups"]) == json.dumps(after["optimizer"]["param_groups"])
+    for slot, values in before["optimizer"]["state"].items():
+        assert_same_tensors(values, after["optimizer"]["state"][slot])
+
+    # The same next step (same batch, same perturbation draw) gives the same weights.
+    resumed.current_epoch = trainer.current_epoch
+    for t in (trainer, resumed):
+        torch.manual_seed(123)
+        t.train_step(batches[2])
+    assert_same_tensors(unwrap(trainer.network).state_dict(), unwrap(resumed.network).state_dict())
+    assert_same_tensors(trainer.teacher.module.state_dict(), resumed.teacher.module.state_dict())
+
+
+def test_teacher_is_what_validation_and_checkpoints_see(in_process, tmp_path, monkeypatch):
+    trainer = in_process()
+    (batch,) = draw_batches(trainer, 1)
+    for _ in range(3):
+        trainer.train_step(batch)
+    seen = []
+    stock_validation_step = nnUNetTrainer.validation_step
+
+    def spy(self, b):
+        seen.append(self.network)
+        return stock_validation_step(self, b)
+
+    monkeypatch.setattr(nnUNetTrainer, "validation_step", spy)
+    trainer.validation_step(batch)
+    assert seen == [trainer.teacher.module]
+    assert trainer.network is not trainer.teacher.module  # the student is back in place afterwards
+    path = tmp_path / "c.pth"
+    trainer.save_checkpoint(str(path))
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert_same_tensors(saved["network_weights"], trainer.teacher.module.state_dict())
+    assert_same_tensors(saved["student_weights"], unwrap(trainer.network).state_dict())
+
+
+def test_dataset_without_ignore_label_is_refused(tiny_dataset, monkeypatch, tmp_path):
+    for key, value in train_env(tiny_dataset.env).items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    from nnunet_ext.nnunet_paths import dataset_folder
+
+    folder = dataset_folder(tiny_dataset.dataset_id)
+    plans = json.loads((folder / "nnUNetPlans_tiny.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    del dataset_json["labels"]["ignore"]
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    trainer = MeanTeacherTrainer(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="MeanTeacherTrainer needs unlabeled voxels.*no ignore label"):
+        trainer.initialize()

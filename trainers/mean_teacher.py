@@ -1,0 +1,119 @@
+"""Mean-Teacher with the axial continuity loss (MIDL 2026 LSFM paper):
+
+    L = L_sup + lambda_cons(t) * L_cons + lambda_cont(t) * L_cont
+
+L_sup is nnU-Net's own loss on the student's output; L_cons pulls the student towards the sharpened, confident
+EMA-teacher prediction on unlabeled voxels; L_cont makes the student's probabilities continuous between adjacent
+unlabeled slices along the annotation axis. Both weights ramp up with exp(-5 (1 - t)^2).
+"""
+
+import torch
+
+from nnunet_ext.annotation_axis import find_annotation_axis
+from nnunet_ext.semi_supervised import (EMATeacher, StrongIntensityPerturbation, axial_continuity_loss,
+                                        sharpened_consistency_loss, sigmoid_rampup, unlabeled_mask, unwrap)
+from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer, first_output
+
+# Label volumes read to infer the annotation axis when dataset.json does not record it.
+AXIS_INFERENCE_CASES = 5
+
+
+class MeanTeacherTrainer(SemiSupervisedTrainer):
+    """The SSL baseline of the paper: Mean-Teacher consistency only (lambda_cont = 0)."""
+
+    ema_alpha: float = 0.999
+    temperature: float = 0.5
+    confidence_threshold: float = 0.8
+    consistency_weight: float = 10.0
+    continuity_weight: float = 0.0
+    rampup_fraction: float = 0.2  # of all epochs
+    strong_perturbation: StrongIntensityPerturbation = StrongIntensityPerturbation()
+    ssl_log_keys = ("loss_sup", "loss_cons", "loss_cont", "lambda_cons", "lambda_cont", "passed_fraction")
+
+    def initialize(self):
+        super().initialize()
+        # After DDP/compile wrapping: the teacher averages the plain network, identically on every rank.
+        self.teacher = EMATeacher(unwrap(self.network), self.ema_alpha)
+        self.teacher.module.eval()  # the teacher only ever predicts
+        self.continuity_axis = self._continuity_axis() if self.continuity_weight > 0 else None
+
+    def hyperparameters(self) -> dict:
+        return {**super().hyperparameters(), "ema_alpha": self.ema_alpha, "temperature": self.temperature,
+                "confidence_threshold": self.confidence_threshold, "consistency_weight": self.consistency_weight,
+                "continuity_weight": self.continuity_weight, "rampup_fraction": self.rampup_fraction,
+                "strong_perturbation": repr(self.strong_perturbation)}
+
+    def _continuity_axis(self) -> int:
+        """The annotation axis as an axis of the training patch (preprocessed order), logged with its source."""
+        dataset = self.dataset_class(self.preprocessed_dataset_folder,
+                                     self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+                                     [:AXIS_INFERENCE_CASES])
+        segmentations = (dataset.load_case(i)[1][:] for i in dataset.identifiers)
+        axis, source = find_annotation_axis(self.dataset_json, self.plans_manager.transpose_forward,
+                                            self.configuration_manager.spacing, segmentations,
+                                            self.label_manager.ignore_label)
+        # A 2d configuration's patches are the last two preprocessed axes.
+        patch_axis = axis - (3 - len(self.configuration_manager.patch_size))
+        if patch_axis < 0:
+            raise RuntimeError(
+                f"{type(self).__name__}: the annotation axis ({axis}, {source}) is the slicing axis of the "
+                f"{self.configuration_name} configuration, so its patches never hold adjacent slices: train a 3d "
+                f"configuration or use MeanTeacherTrainer")
+        self.print_to_log_file(f"continuity loss along preprocessed axis {axis} ({source})")
+        return patch_axis
+
+    def ramp_weights(self) -> tuple[float, float]:
+        ramp = sigmoid_rampup(self.current_epoch, self.rampup_fraction * self.num_epochs)
+        return self.consistency_weight * ramp, self.continuity_weight * ramp
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        # The consistency and continuity losses use the full-resolution output only: the downsampled deep-supervision
+        # targets mark a voxel unlabeled only where all its children are, so they would count different voxels.
+        unlabeled = unlabeled_mask(first_output(target), self.label_manager.ignore_label)
+        lambda_cons, lambda_cont = self.ramp_weights()
+
+        student_input = self.strong_perturbation(data)  # intensity-only: teacher and student stay voxel-aligned
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            with torch.no_grad():
+                teacher_logits = first_output(self.teacher.module(data))
+            output = self.network(student_input)
+            loss_sup = self.loss(output, target)
+            student_logits = first_output(output)
+            loss_cons, passed_fraction = sharpened_consistency_loss(
+                student_logits, teacher_logits, unlabeled, self.temperature, self.confidence_threshold)
+            loss = loss_sup + lambda_cons * loss_cons
+            loss_cont = torch.zeros((), device=self.device)
+            if self.continuity_axis is not None:
+                loss_cont = axial_continuity_loss(torch.softmax(student_logits.float(), 1), unlabeled,
+                                                  self.continuity_axis)
+                loss = loss + lambda_cont * loss_cont
+        self.optimizer_step(loss)
+        self.teacher.update(unwrap(self.network))
+        return {"loss": loss.detach().cpu().numpy(), "loss_sup": loss_sup.item(), "loss_cons": loss_cons.item(),
+                "loss_cont": loss_cont.item(), "lambda_cons": lambda_cons, "lambda_cont": lambda_cont,
+                "passed_fraction": float(passed_fraction)}
+
+    # ---- the teacher is what validation scores and nnUNetv2_predict loads
+    def inference_network(self) -> torch.nn.Module:
+        return self.teacher.module
+
+    def extra_checkpoint_state(self) -> dict:
+        return {"student_weights": unwrap(self.network).state_dict(), "ema_step": self.teacher.step}
+
+    def load_network_states(self, checkpoint: dict) -> None:
+        # network_weights is the teacher. A checkpoint without our keys (e.g. stock nnU-Net's) seeds both networks.
+        self.teacher.module.load_state_dict(checkpoint["network_weights"])
+        unwrap(self.network).load_state_dict(checkpoint.get("student_weights", checkpoint["network_weights"]))
+        self.teacher.step = checkpoint.get("ema_step", 0)
+
+
+class MeanTeacherContinuityTrainer(MeanTeacherTrainer):
+    """The paper's method: Mean-Teacher consistency plus the axial continuity loss."""
+
+    continuity_weight: float = 10.0
