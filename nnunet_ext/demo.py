@@ -24,7 +24,7 @@ from nnunet_ext.plans import TINY_PLANS
 from nnunet_ext.synth import LABELS, write_synthetic_dataset
 
 DEMO_DATASET_ID = 501
-DEMO_TRAINERS = ("nnUNetTrainer_demo",)
+DEMO_TRAINERS = ("nnUNetTrainer_demo", "MeanTeacherContinuityTrainer_demo")  # stock reference first
 DEMO_SYNTH = dict(name="SynthDemo", num_cases=6, num_test_cases=2, shape=(24, 64, 64), every=4, seed=0)
 DEMO_FOLD = "0"
 MARKER = "nnunet_ext_demo.json"
