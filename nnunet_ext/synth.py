@@ -17,19 +17,16 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import pathlib
 import re
-import secrets
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.raw_dataset import atomic_dataset_folder, dataset_folder_name, write_image
 
 LABELS = {"background": 0, "vessel": 1, "nucleus": 2, "ignore": 3}
 IGNORE_LABEL = LABELS["ignore"]
@@ -492,19 +489,6 @@ def _check_args(dataset_id, name, num_cases, num_test_cases, axis, seed) -> None
         raise UserError(f"invalid seed {seed!r}: choose a non-negative integer")
 
 
-def _check_free(raw_dir: pathlib.Path, target: pathlib.Path, dataset_id: int) -> None:
-    """Refuse a raw_dir that is not a folder or already holds a dataset with this id (nnU-Net needs unique ids)."""
-    if raw_dir.exists() and not raw_dir.is_dir():
-        raise UserError(f"{raw_dir} is not a folder: point the raw folder at a directory")
-    if not raw_dir.is_dir():
-        return
-    taken = sorted(p for p in raw_dir.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir())
-    if target.exists() or target.is_symlink():
-        taken.insert(0, target)
-    if taken:
-        raise UserError(f"{taken[0]} already exists: pick another dataset id (-d) or delete that folder")
-
-
 # --------------------------------------------------------------------------------------------- writing
 
 
@@ -513,42 +497,6 @@ def _case_ids(name: str, num_cases: int, test: bool = False) -> list[str]:
     stem = f"{name.lower()}_test" if test else name.lower()
     width = max(3, len(str(num_cases - 1)))
     return [f"{stem}_{i:0{width}d}" for i in range(num_cases)]
-
-
-def _write_nifti(array: np.ndarray, path: pathlib.Path, spacing: tuple[float, float, float]) -> None:
-    """Write a (z, y, x) array as NIfTI with ``spacing`` (z, y, x) in um."""
-    image = sitk.GetImageFromArray(array)
-    # SimpleITK spacing is (x, y, z); nnU-Net's reader turns it back into the array's (z, y, x).
-    image.SetSpacing(tuple(float(s) for s in reversed(spacing)))
-    sitk.WriteImage(image, str(path), useCompression=True)
-
-
-def _make_tmp_dir(raw_dir: pathlib.Path, folder_name: str) -> pathlib.Path:
-    """A fresh hidden work folder next to the final one, so the final rename stays on one filesystem."""
-    while True:
-        tmp = raw_dir / f".{folder_name}.tmp-{secrets.token_hex(4)}"
-        try:
-            tmp.mkdir()
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def _missing_ancestors(path: pathlib.Path) -> list[pathlib.Path]:
-    """``path`` and its parents that do not exist yet, deepest first (what mkdir(parents=True) would create)."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def _remove_empty(folders: list[pathlib.Path]) -> None:
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def _dataset_json(name: str, train_ids: list[str], slices: list[int], config: dict) -> dict:
@@ -578,16 +526,15 @@ def _write_contents(folder: pathlib.Path, name: str, slices: list[int], config: 
     train_ids = _case_ids(name, config["num_cases"])
     for i, case in enumerate(train_ids):
         image, dense = make_case(shape, spacing, np.random.default_rng([seed, i]))
-        _write_nifti(image, folder / "imagesTr" / f"{case}_{CHANNEL}{FILE_ENDING}", spacing)
-        sparse = sparsify(dense, axis, slices, IGNORE_LABEL)
-        _write_nifti(sparse, folder / "labelsTr" / f"{case}{FILE_ENDING}", spacing)
-        _write_nifti(dense, folder / "labelsTr_dense" / f"{case}{FILE_ENDING}", spacing)
+        write_image(image, folder / "imagesTr" / f"{case}_{CHANNEL}", spacing)
+        write_image(sparsify(dense, axis, slices, IGNORE_LABEL), folder / "labelsTr" / case, spacing)
+        write_image(dense, folder / "labelsTr_dense" / case, spacing)
     test_ids = _case_ids(name, config["num_test_cases"], test=True) if config["num_test_cases"] else []
     for i, case in enumerate(test_ids):
         # A separate stream per test case: test volumes never repeat a training volume.
         image, dense = make_case(shape, spacing, np.random.default_rng([seed, MAX_CASES + i]))
-        _write_nifti(image, folder / "imagesTs" / f"{case}_{CHANNEL}{FILE_ENDING}", spacing)
-        _write_nifti(dense, folder / "labelsTs" / f"{case}{FILE_ENDING}", spacing)
+        write_image(image, folder / "imagesTs" / f"{case}_{CHANNEL}", spacing)
+        write_image(dense, folder / "labelsTs" / case, spacing)
     document = _dataset_json(name, train_ids, slices, config)
     (folder / "dataset.json").write_text(json.dumps(document, indent=2) + "\n")
 
@@ -612,25 +559,11 @@ def write_synthetic_dataset(raw_dir, dataset_id: int, name: str = "SynthMicrosco
     _check_args(dataset_id, name, num_cases, num_test_cases, axis, seed)
     shape, spacing = _check_shape(shape), _check_spacing(spacing)
     slices = _annotated_slices(shape[axis], every, n_slices, axis=axis)
-    raw_dir = pathlib.Path(raw_dir)
-    target = raw_dir / f"Dataset{dataset_id:03d}_{name}"
-    _check_free(raw_dir, target, dataset_id)
     config = {"dataset_id": int(dataset_id), "name": name, "num_cases": int(num_cases),
               "num_test_cases": int(num_test_cases), "shape": list(shape), "spacing": list(spacing),
               "axis": int(axis), "every": None if every is None else int(every),
               "n_slices": None if n_slices is None else int(n_slices), "seed": int(seed)}
-    created = _missing_ancestors(raw_dir)
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    try:
-        tmp = _make_tmp_dir(raw_dir, target.name)
-        _write_contents(tmp, name, slices, config)
-        # Re-check right before the rename: a concurrent writer may have taken the id meanwhile.
-        _check_free(raw_dir, target, dataset_id)
-        os.rename(tmp, target)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)
-        raise
-    return target
+    with atomic_dataset_folder(raw_dir, dataset_id, name) as folder:
+        _write_contents(folder, name, slices, config)
+    return pathlib.Path(raw_dir) / dataset_folder_name(dataset_id, name)
+

@@ -296,10 +296,10 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full")
-        real_write(array, path, spacing)
+        return real_write(array, path, spacing)
 
-    real_write = synth._write_nifti
-    monkeypatch.setattr(synth, "_write_nifti", failing_write)
+    real_write = synth.write_image
+    monkeypatch.setattr(synth, "write_image", failing_write)
     raw = tmp_path / "new" / "raw"
     with pytest.raises(OSError, match="disk full"):
         write_synthetic_dataset(raw, 7, num_cases=2, num_test_cases=0, shape=(8, 16, 16))
