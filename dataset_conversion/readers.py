@@ -1,0 +1,122 @@
+"""Readers for the microscopy exports the converters accept: TIFF stacks, folders of 2D slices, NIfTI, HDF5.
+
+Every reader returns numpy arrays in (z, y, x) order (multi-channel stacks as stored; the converters say which
+layout they expect) and raises UserError naming the file when it cannot read it.
+"""
+
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import SimpleITK as sitk
+import tifffile
+
+from nnunet_ext.errors import UserError
+
+SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+_LAST_INTEGER = re.compile(r"(\d+)(?!.*\d)")
+
+
+def slice_index(path: Path) -> int:
+    """The slice number of a 2D slice file: the last integer in its name (``slice_0042.tif`` -> 42)."""
+    match = _LAST_INTEGER.search(Path(path).name.split(".")[0])
+    if match is None:
+        raise UserError(f"{path}: no slice number in the file name; name slices like slice_0001.tif")
+    return int(match.group(1))
+
+
+def list_slices(folder: Path) -> list[Path]:
+    """The 2D slice files of a folder ordered by slice number; UserError if none or if two share a number."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of 2D slices: check the path")
+    files = [p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SLICE_SUFFIXES)]
+    if not files:
+        raise UserError(f"{folder} holds no slice files ({', '.join(SLICE_SUFFIXES)}): check the path")
+    by_index = {}
+    for path in files:
+        index = slice_index(path)
+        if index in by_index:
+            raise UserError(f"{path} and {by_index[index]} have the same slice number {index}: rename one")
+        by_index[index] = path
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def read_slice(path: Path) -> np.ndarray:
+    """One 2D slice (y, x)."""
+    try:
+        array = tifffile.imread(path) if str(path).lower().endswith((".tif", ".tiff")) else _read_with_sitk(path)
+    except (OSError, ValueError, RuntimeError, tifffile.TiffFileError) as error:
+        raise UserError(f"{path}: cannot read this slice ({error}); is it a valid image file?") from None
+    if array.ndim != 2:
+        raise UserError(f"{path}: expected a 2D slice, got shape {array.shape}; export single-channel 2D slices")
+    return array
+
+
+def read_slice_folder(folder: Path) -> np.ndarray:
+    """A folder of 2D slices as one (z, y, x) stack; UserError naming the first slice whose shape/dtype differs."""
+    paths = list_slices(folder)
+    first = read_slice(paths[0])
+    stack = np.empty((len(paths), *first.shape), dtype=first.dtype)
+    stack[0] = first
+    for z, path in enumerate(paths[1:], start=1):
+        array = read_slice(path)
+        if array.shape != first.shape or array.dtype != first.dtype:
+            raise UserError(f"{path}: shape {array.shape} {array.dtype} differs from {paths[0].name} "
+                            f"({first.shape} {first.dtype}); all slices must match")
+        stack[z] = array
+    return stack
+
+
+def read_tiff(path: Path) -> np.ndarray:
+    """A (multi-page) TIFF file as stored (e.g. (z, y, x) or (c, z, y, x))."""
+    try:
+        return tifffile.imread(path)
+    except (OSError, ValueError, tifffile.TiffFileError) as error:
+        raise UserError(f"{path}: cannot read this TIFF ({error}); check the file") from None
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float], sitk.Image]:
+    """A NIfTI volume as ((z, y, x) array, (z, y, x) spacing, the SimpleITK image for its orientation)."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise UserError(f"{path}: cannot read this NIfTI file ({str(error).strip().splitlines()[-1]})") from None
+    return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing())), image
+
+
+def read_hdf5(path: Path, key: str) -> np.ndarray:
+    """Dataset ``key`` of an HDF5 file."""
+    try:
+        with h5py.File(path, "r") as f:
+            if key not in f:
+                raise UserError(f"{path}: no dataset {key!r} (found: {', '.join(f.keys())}); pass the right key")
+            return f[key][()]
+    except OSError as error:
+        raise UserError(f"{path}: cannot read this HDF5 file ({error})") from None
+
+
+def read_volume(path: Path, key: str | None = None) -> np.ndarray:
+    """Any supported volume by its form: a folder of 2D slices, TIFF stack, NIfTI or HDF5 (``key`` needed)."""
+    path = Path(path)
+    name = path.name.lower()
+    if not path.exists():
+        raise UserError(f"{path} does not exist: check the path")
+    if path.is_dir():
+        return read_slice_folder(path)
+    if name.endswith((".tif", ".tiff")):
+        return read_tiff(path)
+    if name.endswith(NIFTI_SUFFIXES):
+        return read_nifti(path)[0]
+    if name.endswith(HDF5_SUFFIXES):
+        if key is None:
+            raise UserError(f"{path}: an HDF5 file needs the dataset key (e.g. --key stack)")
+        return read_hdf5(path, key)
+    raise UserError(f"{path}: unsupported format; use TIFF, a folder of 2D slices, NIfTI or HDF5")
+
+
+def _read_with_sitk(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
