@@ -115,3 +115,14 @@ def dataset_json(name: str, channel_names: dict, labels: dict, num_training: int
         document["overwrite_image_reader_writer"] = "Tiff3DIO"  # else short stacks may be read as 2D RGBA
     document.update(extra)
     return document
+
+
+def verify_raw_dataset(folder: Path, num_processes: int = 1) -> None:
+    """nnU-Net's own ``verify_dataset_integrity`` on a written folder; its failure becomes one UserError line."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    try:
+        verify_dataset_integrity(str(folder), num_processes=num_processes)
+    except (AssertionError, RuntimeError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise UserError(f"the converted dataset fails nnU-Net's integrity check: {message}") from None
