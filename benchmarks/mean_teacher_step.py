@@ -2,8 +2,9 @@
 
 Prints ratios measured side by side (data loading excluded):
   - time per iteration, steps interleaved in one process (target <= 1.35),
-  - peak memory of the step (target <= 1.15): CUDA max_memory_allocated on a GPU; on CPU the growth of the
-    peak resident set size during the steps, each trainer in a fresh process so that no allocator cache is shared,
+  - peak memory of the step (target <= 1.15): CUDA max_memory_allocated on a GPU; on CPU (Linux) the peak
+    resident set size during the step above the resident size before it, each trainer in a fresh process whose
+    allocator returns large blocks to the system at once (MALLOC_MMAP_THRESHOLD_), so RSS follows live memory,
   - share of the step spent in the continuity loss (target <= 3 %).
 
 Usage (after nnUNetv2_plan_and_preprocess and `nnunet-ext plans tiny`; nnUNet_preprocessed set):
@@ -12,7 +13,7 @@ Usage (after nnUNetv2_plan_and_preprocess and `nnunet-ext plans tiny`; nnUNet_pr
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -29,25 +30,37 @@ from nnunet_ext.trainers.semi_supervised_base import first_output
 TRAINERS = {"nnUNetTrainer": nnUNetTrainer, "MeanTeacherContinuityTrainer": MeanTeacherContinuityTrainer}
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _step_peak_bytes(trainer, batch) -> int:
+    """Peak memory one train_step adds above what is live before it."""
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        trainer.train_step(batch)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size (VmHWM) to the current one
+    before = _status_bytes("VmRSS")
+    trainer.train_step(batch)
+    return _status_bytes("VmHWM") - before
+
+
 def peak_memory_of_steps(args, name: str) -> float:
-    """Bytes the steps add on top of the set-up trainer (run in this process: call it in a fresh one)."""
+    """Largest step peak over a few steps (run in a fresh process, see the module docstring)."""
     trainer = build_trainer(TRAINERS[name], args.dataset, args.plans, args.configuration, device=args.device)
     trainer.current_epoch = trainer.num_epochs // 2  # SSL losses at full weight
     torch.manual_seed(0)
     batches = draw_batches(trainer, 2)
     trainer.network.train()
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for i in range(3):
-        trainer.train_step(batches[i % 2])
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - before)
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    trainer.train_step(batches[0])  # first-step allocations (optimizer state) are not the step's working memory
+    return float(max(_step_peak_bytes(trainer, batches[i % 2]) for i in range(4)))
 
 
 def continuity_seconds(trainer, batch, repeats: int) -> float:
@@ -95,7 +108,8 @@ def main() -> None:
     for name in TRAINERS:
         out = subprocess.run([sys.executable, __file__, "-d", str(args.dataset), "-p", args.plans, "-c",
                               args.configuration, "--device", args.device, "--memory-of", name],
-                             capture_output=True, text=True, check=True).stdout
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}).stdout
         memory[name] = json.loads(out.strip().splitlines()[-1])
 
     print(f"plans {args.plans} / {args.configuration}, patch {mt.configuration_manager.patch_size}, "

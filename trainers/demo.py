@@ -21,3 +21,7 @@ class nnUNetTrainer_demo(DemoBudget, nnUNetTrainer):
 
 class MeanTeacherContinuityTrainer_demo(DemoBudget, MeanTeacherContinuityTrainer):
     """MeanTeacherContinuityTrainer on the demo budget."""
+
+    # The EMA's time constant 1 / (1 - alpha) must be short against the 1000 demo steps: 0.999 would average the
+    # teacher over the whole run (measured: validation Dice 0.43 with 0.999, 0.76 with 0.99, stock 0.86; one seed).
+    ema_alpha = 0.99
