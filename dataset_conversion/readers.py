@@ -72,11 +72,23 @@ def read_slice_folder(folder: Path) -> np.ndarray:
 
 
 def read_tiff(path: Path) -> np.ndarray:
-    """A (multi-page) TIFF file as stored (e.g. (z, y, x) or (c, z, y, x))."""
+    """A (multi-page) TIFF file as stored (e.g. (z, y, x) or (c, z, y, x)).
+
+    A file written page by page (one series per page, as ``tifffile.imwrite`` in a loop does) is stacked
+    along a new first axis instead of returning its first page only.
+    """
     try:
-        return tifffile.imread(path)
+        with tifffile.TiffFile(path) as tiff:
+            series = [s.asarray() for s in tiff.series]
     except (OSError, ValueError, tifffile.TiffFileError) as error:
         raise UserError(f"{path}: cannot read this TIFF ({error}); check the file") from None
+    if not series:
+        raise UserError(f"{path}: the TIFF holds no image: check the file")
+    if len(series) == 1:
+        return series[0]
+    if len({(s.shape, s.dtype) for s in series}) != 1:
+        raise UserError(f"{path}: its {len(series)} image series differ in shape or type; export one stack")
+    return np.stack(series)
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float], sitk.Image]:

@@ -5,7 +5,10 @@ folder complete or not at all.
 """
 
 import json
+import math
+import numbers
 import os
+import re
 import secrets
 import shutil
 from contextlib import contextmanager
@@ -19,6 +22,46 @@ import tifffile
 from nnunet_ext.errors import UserError
 
 FILE_ENDINGS = {"nifti": ".nii.gz", "tif": ".tif"}
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_axis(axis) -> None:
+    if not is_int(axis) or axis not in (0, 1, 2):
+        raise UserError(f"invalid annotation axis {axis!r}: choose 0 (z), 1 (y) or 2 (x)")
+
+
+def check_seed(seed) -> None:
+    if not is_int(seed) or seed < 0:
+        raise UserError(f"invalid seed {seed!r}: choose a non-negative integer")
+
+
+def check_dataset_id_and_name(dataset_id, name) -> None:
+    """UserError unless the id is 1..999 and the name fits nnU-Net's ``DatasetXXX_<name>`` folder names."""
+    if not is_int(dataset_id) or not 1 <= dataset_id <= 999:
+        raise UserError(f"invalid dataset id {dataset_id!r}: choose an integer in 1..999")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        raise UserError(f"invalid dataset name {name!r}: use letters, digits, '_' or '-', e.g. SynthMicroscopy")
+
+
+def check_spacing(spacing) -> tuple[float, float, float]:
+    """(z, y, x) voxel size as floats; UserError unless 3 finite positive numbers."""
+    values = list(spacing) if isinstance(spacing, (Sequence, np.ndarray)) and not isinstance(spacing, str) else []
+    if len(values) != 3 or not all(is_real(s) and math.isfinite(s) and s > 0 for s in values):
+        raise UserError(f"invalid spacing {spacing!r}: give 3 positive voxel sizes in um (z, y, x), "
+                        f"e.g. --spacing 4 1 1")
+    return tuple(float(s) for s in values)
+
+
+def check_file_format(file_format) -> None:
+    if file_format not in FILE_ENDINGS:
+        raise UserError(f"invalid file format {file_format!r}: choose {' or '.join(FILE_ENDINGS)}")
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
@@ -87,22 +130,25 @@ def atomic_dataset_folder(raw_dir, dataset_id: int, name: str) -> Iterator[Path]
         raise
 
 
-def write_image(array: np.ndarray, path_without_ending: Path, spacing: Sequence[float], file_format: str = "nifti"
-                ) -> Path:
-    """Write a (z, y, x) array with ``spacing`` (z, y, x); returns the file written.
+def write_image(array: np.ndarray, stem: Path, spacing: Sequence[float], file_format: str = "nifti",
+                channel: int | None = None) -> Path:
+    """Write a (z, y, x) array with ``spacing`` (z, y, x) as ``<stem>[_<channel:04d>]<ending>``; returns the file.
 
     ``nifti``: .nii.gz via SimpleITK (nnU-Net reads the spacing back in array order). ``tif``: .tif plus the
-    ``<name>.json`` ``{"spacing": [...]}`` that nnU-Net's Tiff3DIO needs (dataset.json must then name Tiff3DIO).
+    ``<stem>.json`` ``{"spacing": [...]}`` that nnU-Net's Tiff3DIO reads for a case (without the channel suffix;
+    dataset.json must then name Tiff3DIO, see ``dataset_json``). Pass ``channel`` for images, not for labels.
     """
-    path = Path(f"{path_without_ending}{FILE_ENDINGS[file_format]}")
+    suffix = "" if channel is None else f"_{channel:04d}"
+    path = Path(f"{stem}{suffix}{FILE_ENDINGS[file_format]}")
     spacing = [float(s) for s in spacing]
     if file_format == "nifti":
         image = sitk.GetImageFromArray(array)
         image.SetSpacing(tuple(reversed(spacing)))  # SimpleITK is (x, y, z)
         sitk.WriteImage(image, str(path), useCompression=True)
     else:
-        tifffile.imwrite(path, array, compression="zlib")
-        Path(f"{path_without_ending}.json").write_text(json.dumps({"spacing": spacing}))
+        # minisblack: a stack of 3 or 4 slices must not be stored as one RGB(A) image.
+        tifffile.imwrite(path, array, compression="zlib", photometric="minisblack")
+        Path(f"{stem}.json").write_text(json.dumps({"spacing": spacing}))
     return path
 
 

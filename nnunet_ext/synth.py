@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import pathlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +24,8 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.raw_dataset import atomic_dataset_folder, dataset_folder_name, write_image
+from nnunet_ext.raw_dataset import (atomic_dataset_folder, check_axis, check_dataset_id_and_name, check_seed,
+                                    check_spacing, dataset_folder_name, is_int, write_image)
 
 LABELS = {"background": 0, "vessel": 1, "nucleus": 2, "ignore": 3}
 IGNORE_LABEL = LABELS["ignore"]
@@ -34,7 +33,6 @@ IGNORE_LABEL = LABELS["ignore"]
 MIN_EDGE = 8  # voxels; smaller volumes cannot hold a nucleus and a vessel side by side
 MAX_CASES = 1000  # training streams [seed, i] must stay clear of the test streams [seed, 1000 + i]
 FILE_ENDING = ".nii.gz"
-CHANNEL = "0000"
 
 _VESSEL_RADIUS_UM = (1.5, 3.0)
 _NUCLEUS_RADIUS_UM = (3.0, 6.0)
@@ -67,7 +65,7 @@ def annotated_slices(length: int, every: int | None = None, n_slices: int | None
 
 def _annotated_slices(length: int, every: int | None, n_slices: int | None, axis: int | None) -> list[int]:
     where = "the annotation axis" if axis is None else f"axis {axis}"
-    if not _is_int(length) or length < 1:
+    if not is_int(length) or length < 1:
         raise UserError(f"invalid sparsity: the annotation axis has {length!r} slices; it needs at least 1")
     if every is not None and n_slices is not None:
         raise UserError("invalid sparsity: both --every and --slices were given; choose one of them")
@@ -77,10 +75,10 @@ def _annotated_slices(length: int, every: int | None, n_slices: int | None, axis
             "or --slices N (N evenly spaced slices)"
         )
     if every is not None:
-        if not _is_int(every) or every < 1:
+        if not is_int(every) or every < 1:
             raise UserError(f"invalid sparsity: --every {every!r} is not a positive integer; choose 1 or more")
         return list(range(0, length, int(every)))
-    if not _is_int(n_slices) or n_slices < 1:
+    if not is_int(n_slices) or n_slices < 1:
         raise UserError(f"invalid sparsity: --slices {n_slices!r} is not a positive integer; choose 1..{length}")
     if n_slices > length:
         raise UserError(
@@ -430,7 +428,7 @@ def make_case(shape: tuple[int, int, int], spacing: tuple[float, float, float], 
         image: uint16 array of ``shape``, camera counts.
         label: uint8 array of ``shape`` with 0 background, 1 vessel, 2 nucleus; both foreground classes present.
     """
-    grid = _Grid(_check_shape(shape), np.asarray(_check_spacing(spacing), dtype=float))
+    grid = _Grid(_check_shape(shape), np.asarray(check_spacing(spacing), dtype=float))
     scale = _size_scale(grid)
     for attempt in range(_MAX_ATTEMPTS):
         # Each retry shrinks the objects so nuclei cannot keep swallowing every vessel voxel of a tiny volume.
@@ -445,26 +443,13 @@ def make_case(shape: tuple[int, int, int], spacing: tuple[float, float, float], 
 # --------------------------------------------------------------------------------------------- validation
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_shape(shape) -> tuple[int, int, int]:
-    ok = isinstance(shape, Sequence | np.ndarray) and len(shape) == 3 and all(_is_int(n) for n in shape)
+    ok = isinstance(shape, Sequence | np.ndarray) and len(shape) == 3 and all(is_int(n) for n in shape)
     if not ok or min(shape) < MIN_EDGE:
         raise UserError(
             f"invalid shape {_show(shape)}: give 3 integers (z, y, x), each at least {MIN_EDGE}, e.g. --size 24 64 64"
         )
     return tuple(int(n) for n in shape)
-
-
-def _check_spacing(spacing) -> tuple[float, float, float]:
-    ok = isinstance(spacing, Sequence | np.ndarray) and len(spacing) == 3
-    ok = ok and all(isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and s > 0
-                    for s in spacing)
-    if not ok:
-        raise UserError(f"invalid spacing {_show(spacing)}: give 3 positive voxel sizes in um (z, y, x), e.g. --spacing 4 1 1")
-    return tuple(float(s) for s in spacing)
 
 
 def _show(value) -> str:
@@ -475,18 +460,13 @@ def _show(value) -> str:
 
 
 def _check_args(dataset_id, name, num_cases, num_test_cases, axis, seed) -> None:
-    if not _is_int(dataset_id) or not 1 <= dataset_id <= 999:
-        raise UserError(f"invalid dataset id {dataset_id!r}: choose an integer in 1..999")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
-        raise UserError(f"invalid dataset name {name!r}: use letters, digits, '_' or '-', e.g. SynthMicroscopy")
-    if not _is_int(num_cases) or not 1 <= num_cases <= MAX_CASES:
+    check_dataset_id_and_name(dataset_id, name)
+    if not is_int(num_cases) or not 1 <= num_cases <= MAX_CASES:
         raise UserError(f"invalid number of training cases {num_cases!r}: choose 1..{MAX_CASES}")
-    if not _is_int(num_test_cases) or num_test_cases < 0:
+    if not is_int(num_test_cases) or num_test_cases < 0:
         raise UserError(f"invalid number of test cases {num_test_cases!r}: choose 0 or more")
-    if not _is_int(axis) or axis not in (0, 1, 2):
-        raise UserError(f"invalid annotation axis {axis!r}: choose 0 (z), 1 (y) or 2 (x)")
-    if not _is_int(seed) or seed < 0:
-        raise UserError(f"invalid seed {seed!r}: choose a non-negative integer")
+    check_axis(axis)
+    check_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -526,14 +506,14 @@ def _write_contents(folder: pathlib.Path, name: str, slices: list[int], config: 
     train_ids = _case_ids(name, config["num_cases"])
     for i, case in enumerate(train_ids):
         image, dense = make_case(shape, spacing, np.random.default_rng([seed, i]))
-        write_image(image, folder / "imagesTr" / f"{case}_{CHANNEL}", spacing)
+        write_image(image, folder / "imagesTr" / case, spacing, channel=0)
         write_image(sparsify(dense, axis, slices, IGNORE_LABEL), folder / "labelsTr" / case, spacing)
         write_image(dense, folder / "labelsTr_dense" / case, spacing)
     test_ids = _case_ids(name, config["num_test_cases"], test=True) if config["num_test_cases"] else []
     for i, case in enumerate(test_ids):
         # A separate stream per test case: test volumes never repeat a training volume.
         image, dense = make_case(shape, spacing, np.random.default_rng([seed, MAX_CASES + i]))
-        write_image(image, folder / "imagesTs" / f"{case}_{CHANNEL}", spacing)
+        write_image(image, folder / "imagesTs" / case, spacing, channel=0)
         write_image(dense, folder / "labelsTs" / case, spacing)
     document = _dataset_json(name, train_ids, slices, config)
     (folder / "dataset.json").write_text(json.dumps(document, indent=2) + "\n")
@@ -557,7 +537,7 @@ def write_synthetic_dataset(raw_dir, dataset_id: int, name: str = "SynthMicrosco
         UserError: invalid arguments, or ``raw_dir`` already holds a ``DatasetXXX_*`` folder with this id.
     """
     _check_args(dataset_id, name, num_cases, num_test_cases, axis, seed)
-    shape, spacing = _check_shape(shape), _check_spacing(spacing)
+    shape, spacing = _check_shape(shape), check_spacing(spacing)
     slices = _annotated_slices(shape[axis], every, n_slices, axis=axis)
     config = {"dataset_id": int(dataset_id), "name": name, "num_cases": int(num_cases),
               "num_test_cases": int(num_test_cases), "shape": list(shape), "spacing": list(spacing),

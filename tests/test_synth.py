@@ -292,11 +292,11 @@ def test_raw_dir_that_is_a_file_is_refused(tmp_path):
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     calls = []
 
-    def failing_write(array, path, spacing):
+    def failing_write(array, path, spacing, **kwargs):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real_write(array, path, spacing)
+        return real_write(array, path, spacing, **kwargs)
 
     real_write = synth.write_image
     monkeypatch.setattr(synth, "write_image", failing_write)
