@@ -1,0 +1,319 @@
+"""Simulated sparse slice annotation: a dense nnU-Net raw dataset becomes a sparse one with its dense truth beside it.
+
+``nnunet-ext sparsify`` keeps every k-th (``--every``) or N evenly spaced (``--slices``) slices of each training
+label along one axis, like an annotator who labels a few 2D slices per volume (Pagano et al. used 7, 10, 15 and
+25 per volume), and sets every other voxel to the ignore label. Written layout::
+
+    DatasetXXX_<name>/
+      dataset.json        the source's keys + the ignore label, annotation_axis, annotated_slices, holdout_slices,
+                          spacing, sparsify (arguments and source)
+      imagesTr/           the source images, copied unchanged (all channels)
+      labelsTr/           sparse labels: the kept slices minus the held-out ones, the rest is ignore
+      labelsTr_dense/     the source labels, copied unchanged (dense truth for evaluation; nnU-Net ignores it)
+      labelsTr_holdout/   only with a hold-out: the held-out slices' truth, the rest is ignore
+      imagesTs/ labelsTs/ copied from the source when present
+
+The hold-out helpers here are shared with the converters (``nnunet_ext.dataset_conversion``).
+"""
+
+import json
+import math
+import numbers
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import tifffile
+
+from nnunet_ext.dataset_conversion.readers import read_nifti, read_tiff
+from nnunet_ext.errors import UserError
+from nnunet_ext.raw_dataset import FILE_ENDINGS, check_free, dataset_folder_name, verify_raw_dataset, write_image
+from nnunet_ext.raw_dataset import atomic_dataset_folder
+from nnunet_ext.raw_dataset import check_axis, check_dataset_id_and_name, check_seed
+from nnunet_ext.synth import annotated_slices, sparsify
+
+IGNORE = "ignore"
+DENSE_FOLDER = "labelsTr_dense"
+HOLDOUT_FOLDER = "labelsTr_holdout"
+_FORMAT_OF_ENDING = {ending: file_format for file_format, ending in FILE_ENDINGS.items()}
+_COPIED_FOLDERS = ("imagesTr", "imagesTs", "labelsTs")
+
+
+# --------------------------------------------------------------------------------------------- hold-out
+
+
+def check_holdout_fraction(fraction) -> float:
+    """``fraction`` as a float in [0, 1); UserError otherwise."""
+    ok = isinstance(fraction, numbers.Real) and not isinstance(fraction, bool) and math.isfinite(fraction)
+    if not ok or not 0.0 <= fraction < 1.0:
+        raise UserError(f"invalid hold-out fraction {fraction!r}: choose a number in [0, 1), e.g. --holdout 0.2")
+    return float(fraction)
+
+
+def split_holdout(slices: Sequence[int], fraction: float, seed: int, case_index: int = 0
+                  ) -> tuple[list[int], list[int]]:
+    """Split annotated slices into (training slices, held-out slices), both sorted.
+
+    Args:
+        slices: the annotated slice indices of one volume.
+        fraction: share of them to hold out, in [0, 1); ``round(fraction * len(slices))`` slices (halves round up),
+            at least one when ``fraction > 0``.
+        seed, case_index: the draw uses ``np.random.default_rng([seed, case_index])``, so it is deterministic
+            and differs between the cases of one dataset.
+
+    Raises:
+        UserError: the hold-out would leave no slice for training.
+    """
+    fraction = check_holdout_fraction(fraction)
+    slices = sorted(int(s) for s in slices)
+    if fraction == 0.0:
+        return slices, []
+    count = max(1, math.floor(fraction * len(slices) + 0.5))
+    if count >= len(slices):
+        raise UserError(f"holding out {count} of {len(slices)} annotated slices leaves none for training: "
+                        f"lower the hold-out fraction or annotate more slices")
+    chosen = np.random.default_rng([seed, case_index]).choice(len(slices), size=count, replace=False)
+    held = sorted(slices[i] for i in chosen)
+    return [s for s in slices if s not in held], held
+
+
+# --------------------------------------------------------------------------------------------- source dataset
+
+
+def _load_source(source: Path) -> tuple[dict, str, list[str]]:
+    """(dataset.json, file ending, sorted case ids) of a dense raw dataset; UserError for what we cannot sparsify."""
+    document_path = source / "dataset.json"
+    if not document_path.is_file():
+        raise UserError(f"{source} has no dataset.json: point at an nnU-Net raw dataset folder (DatasetXXX_Name)")
+    try:
+        document = json.loads(document_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{document_path}: not valid JSON ({error.msg}, line {error.lineno}); fix the file") from None
+    if "dataset" in document:
+        raise UserError(f"{document_path}: datasets that list their files under 'dataset' are not supported; "
+                        f"use imagesTr/labelsTr folders")
+    labels = document.get("labels", {})
+    if IGNORE in labels:
+        raise UserError(f"{document_path}: the source already has an ignore label, so it is not dense; "
+                        f"sparsify a densely labelled dataset")
+    if not labels or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        raise UserError(f"{document_path}: 'labels' must map names to integer values (region-based labels are not "
+                        f"supported)")
+    ending = document.get("file_ending")
+    if ending not in _FORMAT_OF_ENDING:
+        raise UserError(f"{document_path}: file_ending {ending!r} is not supported; sparsify reads "
+                        f"{' and '.join(FILE_ENDINGS.values())} datasets")
+    label_folder = source / "labelsTr"
+    cases = sorted(p.name[:-len(ending)] for p in label_folder.glob(f"*{ending}")) if label_folder.is_dir() else []
+    if not cases:
+        raise UserError(f"{label_folder} holds no {ending} label files: check the source dataset")
+    return document, ending, cases
+
+
+def _label_header(path: Path) -> tuple[tuple[int, ...], list[float]]:
+    """(shape, spacing) of a label file, both in (z, y, x) order, without reading its voxels."""
+    try:
+        if path.name.endswith(".tif"):
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(tif.series[0].shape)
+            return shape, _tif_spacing(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return tuple(reversed(reader.GetSize())), list(reversed(reader.GetSpacing()))
+    except (OSError, RuntimeError, tifffile.TiffFileError) as error:
+        raise UserError(f"{path}: cannot read this label file ({' '.join(str(error).split())})") from None
+
+
+def _tif_spacing(path: Path) -> list[float]:
+    """Spacing from Tiff3DIO's ``<case>.json`` next to a label; (1, 1, 1) when absent, as nnU-Net assumes."""
+    aux = path.with_name(path.name[:-len(".tif")] + ".json")
+    if not aux.is_file():
+        return [1.0, 1.0, 1.0]
+    try:
+        spacing = [float(s) for s in json.loads(aux.read_text())["spacing"]]
+    except (ValueError, KeyError, TypeError):
+        spacing = []
+    if len(spacing) != 3:
+        raise UserError(f'{aux}: expected {{"spacing": [z, y, x]}} (Tiff3DIO\'s spacing file); fix or remove it')
+    return spacing
+
+
+def _read_label(path: Path) -> tuple[np.ndarray, sitk.Image | None]:
+    """A label volume (z, y, x) and, for NIfTI, its SimpleITK image (origin and direction to copy)."""
+    if path.name.endswith(".tif"):
+        return read_tiff(path), None
+    array, _, image = read_nifti(path)
+    return array, image
+
+
+def _write_label(array: np.ndarray, target_without_ending: Path, spacing: Sequence[float], ending: str,
+                 reference: sitk.Image | None) -> None:
+    """Write a label like its source: NIfTI keeps the source's origin and direction, TIFF gets its spacing JSON."""
+    if reference is None:
+        write_image(array, target_without_ending, spacing, _FORMAT_OF_ENDING[ending])
+        return
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    sitk.WriteImage(image, f"{target_without_ending}{ending}", useCompression=True)
+
+
+def _copy_label(source: Path, target_folder: Path, case: str, ending: str) -> None:
+    """Byte-identical copy of a label file (and its TIFF spacing JSON)."""
+    shutil.copy2(source / "labelsTr" / f"{case}{ending}", target_folder / f"{case}{ending}")
+    aux = source / "labelsTr" / f"{case}.json"
+    if ending == ".tif" and aux.is_file():
+        shutil.copy2(aux, target_folder / aux.name)
+
+
+# --------------------------------------------------------------------------------------------- planning
+
+
+def _plan(source: Path, cases: list[str], ending: str, axis: int, every, n_slices, holdout_fraction: float,
+          seed: int) -> dict[str, dict]:
+    """Per case: shape, spacing, training slices and held-out slices; every error names the label file."""
+    plan = {}
+    for index, case in enumerate(cases):
+        path = source / "labelsTr" / f"{case}{ending}"
+        shape, spacing = _label_header(path)
+        if len(shape) != 3:
+            raise UserError(f"{path}: expected a 3D label volume, got shape {shape}; sparsify needs 3D datasets")
+        try:
+            kept = annotated_slices(shape[axis], every=every, n_slices=n_slices)
+            train, held = split_holdout(kept, holdout_fraction, seed, case_index=index)
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
+        plan[case] = {"shape": shape, "spacing": spacing, "train": train, "held": held}
+    return plan
+
+
+def _common_spacing(plan: dict[str, dict]) -> list[float] | dict[str, list[float]]:
+    """One (z, y, x) spacing when all cases share it, else a spacing per case."""
+    spacings = {case: entry["spacing"] for case, entry in plan.items()}
+    first = next(iter(spacings.values()))
+    return first if all(np.allclose(s, first) for s in spacings.values()) else spacings
+
+
+def _default_name(source: Path, document: dict) -> str:
+    """``<source name>_sparse``: the part after ``DatasetXXX_`` of the source folder (else dataset.json's name)."""
+    stem = source.name.split("_", 1)[1] if source.name.startswith("Dataset") and "_" in source.name else None
+    return f"{stem or document.get('name') or source.name}_sparse"
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def _write_cases(folder: Path, source: Path, plan: dict[str, dict], ending: str, axis: int, ignore: int) -> None:
+    for sub in ("labelsTr", DENSE_FOLDER):
+        (folder / sub).mkdir()
+    holding_out = any(entry["held"] for entry in plan.values())
+    if holding_out:
+        (folder / HOLDOUT_FOLDER).mkdir()
+    for case, entry in plan.items():
+        path = source / "labelsTr" / f"{case}{ending}"
+        dense, reference = _read_label(path)
+        # Room for the ignore value: a uint8 label with 255 classes needs a wider type.
+        dense = dense.astype(np.result_type(dense.dtype, np.min_scalar_type(ignore)), copy=False)
+        _write_label(sparsify(dense, axis, entry["train"], ignore), folder / "labelsTr" / case, entry["spacing"],
+                     ending, reference)
+        _copy_label(source, folder / DENSE_FOLDER, case, ending)
+        if holding_out:
+            _write_label(sparsify(dense, axis, entry["held"], ignore), folder / HOLDOUT_FOLDER / case,
+                         entry["spacing"], ending, reference)
+
+
+def _sparse_document(document: dict, name: str, ignore: int, plan: dict[str, dict], axis: int,
+                     arguments: dict) -> dict:
+    counts = sorted({len(entry["train"]) + len(entry["held"]) for entry in plan.values()})
+    description = (f"Sparse slice annotation simulated from {arguments['source']} (nnunet-ext sparsify): labelsTr "
+                   f"keep {'/'.join(map(str, counts))} slices per volume along axis {axis} minus the held-out "
+                   f"ones, every other voxel is ignore ({ignore}); {DENSE_FOLDER} holds the dense truth")
+    return {**document, "name": name, "description": description,
+            "labels": {**document["labels"], IGNORE: ignore},
+            "annotation_axis": axis,
+            "annotated_slices": {case: entry["train"] for case, entry in plan.items()},
+            "holdout_slices": {case: entry["held"] for case, entry in plan.items()},
+            "spacing": _common_spacing(plan),
+            "sparsify": arguments}
+
+
+def sparsify_dataset(source: Path, out_dir: Path, dataset_id: int, name: str | None = None, axis: int = 0,
+                     every: int | None = None, n_slices: int | None = None, holdout_fraction: float = 0.0,
+                     seed: int = 0) -> Path:
+    """Write a sparse copy of the dense raw dataset ``source`` as ``out_dir/DatasetXXX_<name>/``; returns its path.
+
+    Args:
+        source: dense nnU-Net raw dataset folder (dataset.json, imagesTr/, labelsTr/; ``.nii.gz`` or Tiff3DIO
+            ``.tif`` files; 3D labels (z, y, x) of an integer dtype, no ignore label).
+        out_dir: the raw folder to write into (usually $nnUNet_raw).
+        dataset_id, name: the new dataset's id (1-999) and name (default ``<source name>_sparse``).
+        axis: annotation axis in the array order nnU-Net's reader returns (0 = z).
+        every, n_slices: keep every k-th slice or N evenly spaced slices (exactly one; see ``synth.annotated_slices``).
+        holdout_fraction, seed: hold out this share of each case's kept slices (see ``split_holdout``).
+
+    Returns:
+        The new dataset folder. Its labels have the source's dtype (widened if the ignore value needs it) with the
+        ignore label ``max(source labels) + 1``; NIfTI labels keep the source's origin and direction.
+
+    Raises:
+        UserError: bad arguments or source, an existing dataset id, or a result failing nnU-Net's integrity check;
+            nothing is left in ``out_dir`` then.
+    """
+    source = Path(source)
+    document, ending, cases = _load_source(source)
+    name = _default_name(source, document) if name is None else name
+    check_dataset_id_and_name(dataset_id, name)
+    check_axis(axis)
+    check_seed(seed)
+    check_holdout_fraction(holdout_fraction)
+    if (every is None) == (n_slices is None):
+        annotated_slices(1, every, n_slices)  # raises the one-line error for "neither" and "both"
+    check_free(out_dir, dataset_id, name)
+    plan = _plan(source, cases, ending, axis, every, n_slices, holdout_fraction, seed)
+    ignore = max(document["labels"].values()) + 1
+    arguments = {"source": str(source.resolve()), "axis": axis, "every": every, "n_slices": n_slices,
+                 "holdout_fraction": float(holdout_fraction), "seed": seed}
+    with atomic_dataset_folder(out_dir, dataset_id, name) as folder:
+        for sub in _COPIED_FOLDERS:
+            if (source / sub).is_dir():
+                shutil.copytree(source / sub, folder / sub)
+        _write_cases(folder, source, plan, ending, axis, ignore)
+        sparse = _sparse_document(document, name, ignore, plan, axis, arguments)
+        (folder / "dataset.json").write_text(json.dumps(sparse, indent=2) + "\n")
+        verify_raw_dataset(folder)
+    return Path(out_dir) / dataset_folder_name(dataset_id, name)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _run(args) -> None:
+    from nnunet_ext.nnunet_paths import dataset_folder, require_folder
+
+    source = Path(args.source) if Path(args.source).is_dir() else dataset_folder(args.source, "nnUNet_raw")
+    out_dir = Path(args.out) if args.out else require_folder("nnUNet_raw")
+    folder = sparsify_dataset(source, out_dir, args.dataset_id, name=args.name, axis=args.axis, every=args.every,
+                              n_slices=args.slices, holdout_fraction=args.holdout, seed=args.seed)
+    print(f"wrote {folder}")
+
+
+def register_cli(subparsers) -> None:
+    """Add ``sparsify`` to the top-level ``nnunet-ext`` subcommands (``argparse`` subparsers)."""
+    summary = "simulate sparse slice annotation from a dense nnU-Net raw dataset"
+    parser = subparsers.add_parser("sparsify", help=summary, description=summary)
+    parser.add_argument("source", metavar="SOURCE",
+                        help="dense raw dataset: a folder, or an id / DatasetXXX_Name in $nnUNet_raw")
+    parser.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID",
+                        help="id of the new dataset (1-999)")
+    parser.add_argument("--name", help="name of the new dataset (default: <source name>_sparse)")
+    parser.add_argument("--out", metavar="RAW", help="raw folder to write into (default: $nnUNet_raw)")
+    parser.add_argument("--axis", type=int, default=0, help="annotation axis in (z, y, x) order (default 0)")
+    sparsity = parser.add_mutually_exclusive_group(required=True)
+    sparsity.add_argument("--every", type=int, metavar="K", help="keep every k-th slice (0, k, 2k, ...)")
+    sparsity.add_argument("--slices", type=int, metavar="N", help="keep N evenly spaced slices per volume")
+    parser.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                        help="share of the kept slices held out for validation (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the hold-out draw (default 0)")
+    parser.set_defaults(func=_run)
