@@ -1,0 +1,159 @@
+"""Streaming whole-brain conversion (``convert selma3d --whole-brain``) vs plain reading of the same slices.
+
+Writes a synthetic light-sheet slice series (int16 TIFF slices, an ellipsoidal "brain" on a dark, noisy
+background with negative values) of at least ``--gb`` GB, then measures in SEPARATE processes, one after the
+other on the same (page-cached) files:
+
+  raw read   tifffile.imread of every slice: the read baseline,
+  streaming  selma3d.iter_subvolumes without writing: lazy dask reads, per-tile foreground counts, tile cutting,
+  convert    selma3d.convert: the streaming pass plus gzip NIfTI writing of the kept tiles and their ignore
+             labels, dataset.json and nnU-Net's integrity check,
+
+and prints each process's peak RSS (VmHWM) and the part of it above the peak right after its imports,
+the size of one slab (size[0] whole slices), converter peak RSS / slab (target <= 2) and converter time /
+raw read time (target <= 2). The converter process imports nnU-Net's integrity check (torch) before its
+baseline is taken, so "above imports" is what the conversion itself holds; nnU-Net's check reads the
+written files back in worker processes of its own (not counted).
+
+Usage:
+    python benchmarks/convert_streaming.py                          # >= 2 GB (256 slices of 2048 x 2048)
+    python benchmarks/convert_streaming.py --gb 0.3 --slice 1024 1024 [--workers 2] [--workdir DIR] [--keep]
+"""
+
+import argparse
+import json
+import math
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+RESULT = "RESULT "
+THRESHOLD, MIN_FOREGROUND = 200, 20.0  # ~400 inside the brain, ~0 outside: drops tiles mostly outside it
+_NOISE_SLICES = 8
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes.
+
+    VmHWM where there is /proc (it starts afresh at exec; ru_maxrss keeps the forking parent's peak), else
+    ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage if sys.platform == "darwin" else usage * 1024
+
+
+def write_series(folder: Path, n_slices: int, shape: tuple[int, int], seed: int = 0) -> None:
+    """``n_slices`` int16 slices (y, x): an ellipse shrinking towards both ends of z, plus Gaussian noise (sd 30)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    y, x = np.ogrid[:shape[0], :shape[1]]
+    # Radius 0.6 of the extent: the ellipse covers all but the corners of the middle slices.
+    r2 = ((y - shape[0] / 2) / (0.6 * shape[0])) ** 2 + ((x - shape[1] / 2) / (0.6 * shape[1])) ** 2
+    noise = rng.normal(0, 30, (_NOISE_SLICES, *shape)).astype(np.int16)
+    for z in range(n_slices):
+        scale = 1.0 - 0.4 * abs(2 * z / max(n_slices - 1, 1) - 1)
+        plane = np.where(r2 < scale ** 2, np.int16(400), np.int16(0))
+        plane += np.roll(noise[z % _NOISE_SLICES], 37 * z, axis=1)  # cheap variety without drawing 2 GB of noise
+        tifffile.imwrite(folder / f"slice_{z:05d}.tif", plane)
+
+
+def child(mode: str, folder: Path, out: Path, size: tuple[int, int, int], workers: int) -> dict:
+    """One measurement, run in a fresh process: seconds, peak RSS, RSS after imports (+ extra counts)."""
+    if mode == "raw":
+        baseline = peak_rss()
+        start = time.perf_counter()
+        n = sum(tifffile.imread(path).size > 0 for path in sorted(folder.glob("*.tif")))
+        return {"seconds": time.perf_counter() - start, "peak": peak_rss(), "baseline": baseline, "slices": n}
+    from nnunet_ext.dataset_conversion import selma3d
+
+    if mode == "stream":
+        baseline = peak_rss()
+        start = time.perf_counter()
+        volume = selma3d.scan_slice_folder(folder)
+        kept = sum(1 for _ in selma3d.iter_subvolumes(volume, size, THRESHOLD, MIN_FOREGROUND, num_workers=workers))
+        return {"seconds": time.perf_counter() - start, "peak": peak_rss(), "baseline": baseline, "kept": kept}
+    import nnunetv2.experiment_planning.verify_dataset_integrity  # noqa: F401  (torch: part of the baseline)
+
+    baseline = peak_rss()
+    start = time.perf_counter()
+    dataset = selma3d.convert(out, 1, "vessel", whole_brain=[folder], spacing=(6.0, 6.0, 6.0), size=size,
+                              threshold=THRESHOLD, min_foreground=MIN_FOREGROUND, num_workers=workers)
+    seconds = time.perf_counter() - start
+    record = json.loads((dataset / "dataset.json").read_text())["selma3d"]["whole_brain"]["brain00"]
+    return {"seconds": seconds, "peak": peak_rss(), "baseline": baseline, "kept": record["kept"],
+            "grid": record["grid"], "written_bytes": sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file())}
+
+
+def measure(mode: str, args, folder: Path, out: Path) -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--folder", str(folder), "--out", str(out),
+               "--size", *map(str, args.size), "--workers", str(args.workers)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT)]
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"{mode} measurement failed ({result.returncode}):\n{result.stdout[-2000:]}\n"
+                         f"{result.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def report(args, n_slices: int, slab: int, results: dict) -> None:
+    mb = 1e6
+    total = n_slices * args.slice[0] * args.slice[1] * 2
+    raw, stream, conv = results["raw"], results["stream"], results["convert"]
+    print(f"data: {n_slices} slices of {args.slice[0]} x {args.slice[1]} int16 = {total / 1e9:.2f} GB; "
+          f"sub-volume {' x '.join(map(str, args.size))}, {args.workers} worker thread(s)")
+    print(f"slab: {args.size[0]} slices = {slab} bytes ({slab / mb:.1f} MB)")
+    print(f"kept {conv['kept']} of {math.prod(conv['grid'])} sub-volumes; wrote {conv['written_bytes'] / mb:.0f} MB")
+    print(f"{'process':<12}{'time s':>10}{'peak RSS MB':>14}{'above imports MB':>19}")
+    for name, r in (("raw read", raw), ("streaming", stream), ("convert", conv)):
+        print(f"{name:<12}{r['seconds']:>10.2f}{r['peak'] / mb:>14.1f}{(r['peak'] - r['baseline']) / mb:>19.1f}")
+    print(f"converter peak RSS / slab: {conv['peak'] / slab:.2f} absolute, "
+          f"{(conv['peak'] - conv['baseline']) / slab:.2f} above imports (target <= 2)")
+    print(f"converter time / raw read time: {conv['seconds'] / raw['seconds']:.2f} (target <= 2); "
+          f"streaming pass / raw read: {stream['seconds'] / raw['seconds']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=2.0, help="at least this many GB of slices (default 2)")
+    parser.add_argument("--slice", type=int, nargs=2, default=(2048, 2048), metavar=("Y", "X"))
+    parser.add_argument("--size", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workdir", help="folder for the temporary data (default: the system temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the data and the converted dataset")
+    parser.add_argument("--child", choices=("raw", "stream", "convert"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = child(args.child, Path(args.folder), Path(args.out), tuple(args.size), args.workers)
+        print(RESULT + json.dumps(result))
+        return
+    slab = args.size[0] * args.slice[0] * args.slice[1] * 2
+    n_slices = math.ceil(args.gb * 1e9 / slab) * args.size[0]  # whole slabs: both processes read the same slices
+    work = Path(tempfile.mkdtemp(prefix="selma3d_bench_", dir=args.workdir))
+    try:
+        start = time.perf_counter()
+        write_series(work / "slices", n_slices, tuple(args.slice))
+        print(f"wrote the slices to {work / 'slices'} in {time.perf_counter() - start:.1f} s")
+        results = {mode: measure(mode, args, work / "slices", work / "raw") for mode in ("raw", "stream", "convert")}
+        report(args, n_slices, slab, results)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
