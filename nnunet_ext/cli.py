@@ -44,8 +44,21 @@ def _demo(args) -> None:
     run_demo(Path(args.out), device=args.device)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnunet-ext", description=__doc__)
+def _add_conversion_commands(commands) -> None:
+    from nnunet_ext import instances, sparsify
+    from nnunet_ext.dataset_conversion import fibsem, fucci, lsfm, selma3d
+
+    convert = commands.add_parser("convert", help="convert microscopy exports into an nnU-Net raw dataset")
+    sources = convert.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    for module in (lsfm, fibsem, selma3d, fucci):
+        module.register_cli(sources)
+    sparsify.register_cli(commands)
+    instances.register_cli(commands)
+
+
+def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet-ext", description="nnU-Net v2 extensions for sparsely annotated 3D "
+                                     "microscopy: run nnU-Net's own commands with our trainers (see README).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     env = commands.add_parser("env", help="print the export lines nnU-Net needs to find our trainers")
@@ -75,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("-o", "--name", default="nnUNetPlans_tiny", help="name of the new plans variant")
     tiny.set_defaults(func=_plans_tiny)
 
+    if with_conversion:
+        _add_conversion_commands(commands)
+
     demo = commands.add_parser("demo", help="synth -> preprocess -> train -> predict -> Dice, on CPU")
     demo.add_argument("--out", default="nnunet_ext_demo", help="output folder (default: ./nnunet_ext_demo)")
     demo.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
@@ -82,8 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that need none of the converters' imports (dask, scikit-image): `env` runs in shell start-up files.
+LIGHT_COMMANDS = ("env", "synth", "plans", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_conversion=not (argv and argv[0] in LIGHT_COMMANDS)).parse_args(argv)
     try:
         args.func(args)
     except UserError as error:
