@@ -17,15 +17,17 @@ def test_demo_runs_end_to_end_and_prints_the_dice_table(tmp_path, monkeypatch, c
     monkeypatch.setenv("nnUNet_def_n_proc", "1")
     monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
     synth = dict(name="DemoTest", num_cases=5, num_test_cases=1, shape=(16, 32, 32), every=4, seed=1)
-    results = run_demo(tmp_path / "demo", trainers=("nnUNetTrainer_exttest",), dataset_id=9, synth=synth)
+    trainers = ("nnUNetTrainer_exttest", "MeanTeacherContinuityTrainer_exttest")
+    results = run_demo(tmp_path / "demo", trainers=trainers, dataset_id=9, synth=synth)
 
-    scores = results["nnUNetTrainer_exttest"]
-    assert set(scores) == {"vessel", "nucleus", "mean"}
-    assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in scores.values())
+    assert list(results) == list(trainers)
+    for scores in results.values():
+        assert set(scores) == {"vessel", "nucleus", "mean"}
+        assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in scores.values())
     assert json.loads((tmp_path / "demo" / "results.json").read_text()) == json.loads(json.dumps(results))
-    table = capsys.readouterr().out.splitlines()[-2:]
+    table = capsys.readouterr().out.splitlines()[-3:]
     assert table[0].split() == ["trainer", "vessel", "nucleus", "mean"]
-    assert table[1].split()[0] == "nnUNetTrainer_exttest"
+    assert [row.split()[0] for row in table[1:]] == list(trainers)
 
 
 def test_format_table_by_hand():
