@@ -38,7 +38,8 @@ from skimage.exposure import equalize_hist
 from nnunet_ext import raw_dataset
 from nnunet_ext.dataset_conversion import readers
 from nnunet_ext.errors import UserError
-from nnunet_ext.nnunet_paths import require_folder
+from nnunet_ext.nnunet_paths import raw_output_folder
+from nnunet_ext.raw_dataset import add_output_arguments
 
 LABELS = {"background": 0, "nucleus": 1, "nucleolus": 2, "ignore": 3}
 IGNORE_LABEL = LABELS["ignore"]
@@ -377,7 +378,7 @@ def _check_options(tile_size, downsample, equalize, equalize_dtype, mask_values,
 
 
 def _run(args) -> None:
-    out_dir = Path(args.out) if args.out else require_folder("nnUNet_raw")
+    out_dir = raw_output_folder(args.out)
     folder = convert(args.slices, args.masks, out_dir, args.dataset_id, tuple(args.spacing), name=args.name,
                      tile_size=tuple(args.tile), downsample=args.downsample, equalize=args.equalize,
                      equalize_dtype=args.equalize_dtype, mask_values=tuple(args.mask_values),
@@ -394,14 +395,11 @@ def _run(args) -> None:
 def register_cli(subparsers) -> None:
     """Add ``fibsem`` to ``nnunet-ext convert``'s subcommands."""
     parser = subparsers.add_parser("fibsem", help="FIB-SEM nuclei/nucleoli: slice folder + sparse mask slices")
+    add_output_arguments(parser, "FIBSEM", "FIBSEM")
     parser.add_argument("--slices", required=True, help="folder of 2D slices (slice number in each file name)")
     parser.add_argument("--masks", required=True, help="folder of 2D masks named by the slice they annotate")
-    parser.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
     parser.add_argument("--spacing", type=float, nargs=3, required=True, metavar=("Z", "Y", "X"),
                         help="source voxel size (in-plane is scaled by --downsample)")
-    parser.add_argument("--name", default="FIBSEM", help="dataset name (DatasetXXX_<name>)")
-    parser.add_argument("--out", help="raw folder to write into (default: $nnUNet_raw)")
-    parser.add_argument("--format", choices=tuple(raw_dataset.FILE_ENDINGS), default="nifti")
     parser.add_argument("--tile", type=int, nargs=2, default=(256, 256), metavar=("Y", "X"),
                         help="tile size in output voxels (default 256 256)")
     parser.add_argument("--drop-partial-tiles", action="store_true", help="drop edge tiles smaller than --tile")

@@ -32,7 +32,8 @@ from skimage.morphology import disk, white_tophat
 from nnunet_ext import raw_dataset
 from nnunet_ext.dataset_conversion import readers
 from nnunet_ext.errors import UserError
-from nnunet_ext.nnunet_paths import require_folder
+from nnunet_ext.nnunet_paths import raw_output_folder
+from nnunet_ext.raw_dataset import add_output_arguments
 from nnunet_ext.instances import BACKGROUND, BORDER, INTERIOR, instances_to_semantic
 
 CHANNELS = ("Cy3", "GFP", "Hoechst")
@@ -292,7 +293,7 @@ def _case_argument(values: list[str]) -> tuple[ImageSource, str | None]:
 
 
 def _run(args) -> None:
-    out_dir = Path(args.out) if args.out else require_folder("nnUNet_raw")
+    out_dir = raw_output_folder(args.out)
     steps = Preprocessing(threshold=args.threshold, gamma=args.gamma, clahe=args.clahe, median=args.median,
                           tophat=args.tophat)
     folder = convert([_case_argument(c) for c in args.case], out_dir, args.dataset_id, tuple(args.spacing),
@@ -304,14 +305,11 @@ def _run(args) -> None:
 def register_cli(subparsers) -> None:
     """Add ``fucci`` to ``nnunet-ext convert``'s subcommands."""
     parser = subparsers.add_parser("fucci", help="FUCCI spheroids: 3-channel confocal + nucleus instance labels")
+    add_output_arguments(parser, "FUCCI", "FUCCI")
     parser.add_argument("--case", nargs="+", action="append", required=True, metavar="FILE",
                         help="IMAGE LABEL or CY3 GFP HOECHST LABEL (LABEL '-': unlabeled case); repeat per case")
-    parser.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
     parser.add_argument("--spacing", type=float, nargs=3, required=True, metavar=("Z", "Y", "X"),
                         help="voxel size, e.g. in um")
-    parser.add_argument("--name", default="FUCCI", help="dataset name (DatasetXXX_<name>)")
-    parser.add_argument("--out", help="raw folder to write into (default: $nnUNet_raw)")
-    parser.add_argument("--format", choices=tuple(raw_dataset.FILE_ENDINGS), default="nifti")
     parser.add_argument("--channel-axis", type=int, choices=tuple(LAYOUTS),
                         help="0: (C, Z, Y, X), 1: (Z, C, Y, X); default: the axis of size 3")
     parser.add_argument("--min-size", type=int, default=0, help="instances under N voxels become background")

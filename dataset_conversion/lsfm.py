@@ -33,10 +33,11 @@ from scipy import ndimage
 
 from nnunet_ext.dataset_conversion.readers import list_slices, read_slice, read_volume, slice_index
 from nnunet_ext.errors import UserError
-from nnunet_ext.raw_dataset import FILE_ENDINGS, atomic_dataset_folder, check_free, dataset_folder_name
-from nnunet_ext.raw_dataset import dataset_json, verify_raw_dataset, write_image
+from nnunet_ext.nnunet_paths import raw_output_folder
+from nnunet_ext.raw_dataset import (add_output_arguments, atomic_dataset_folder, check_axis,
+                                    check_dataset_id_and_name, check_file_format, check_free, check_seed, check_spacing,
+                                    dataset_folder_name, dataset_json, is_int, verify_raw_dataset, write_image)
 from nnunet_ext.sparsify import HOLDOUT_FOLDER, IGNORE, check_holdout_fraction, split_holdout
-from nnunet_ext.raw_dataset import check_axis, check_dataset_id_and_name, check_seed, check_spacing, is_int
 from nnunet_ext.synth import sparsify
 
 BACKGROUND = "background"
@@ -299,8 +300,7 @@ def _check_options(dataset_id, name, spacing, axis, seed, file_format, case_id, 
     check_dataset_id_and_name(dataset_id, name)
     check_axis(axis)
     check_seed(seed)
-    if file_format not in FILE_ENDINGS:
-        raise UserError(f"invalid file format {file_format!r}: choose {' or '.join(FILE_ENDINGS)}")
+    check_file_format(file_format)
     if not isinstance(case_id, str) or not _CASE_ID.fullmatch(case_id):
         raise UserError(f"invalid case id {case_id!r}: use letters, digits, '_' or '-', e.g. pdac_001")
     check_holdout_fraction(holdout_fraction)
@@ -372,9 +372,7 @@ def convert(channels: Sequence[Path], annotations: Path, out_dir: Path, dataset_
 
 
 def _run(args) -> None:
-    from nnunet_ext.nnunet_paths import require_folder
-
-    out_dir = Path(args.out) if args.out else require_folder("nnUNet_raw")
+    out_dir = raw_output_folder(args.out)
     folder = convert(args.channels, args.annotations, out_dir, args.dataset_id, name=args.name, classes=args.classes,
                      spacing=tuple(args.spacing), axis=args.axis, in_plane_size=args.in_plane_size,
                      holdout_fraction=args.holdout, seed=args.seed, file_format=args.format, case_id=args.case_id)
@@ -385,7 +383,7 @@ def register_cli(subparsers) -> None:
     """Add ``lsfm`` to the subcommands of ``nnunet-ext convert`` (``argparse`` subparsers)."""
     summary = "light-sheet channels + sparse slice masks -> nnU-Net raw dataset"
     parser = subparsers.add_parser("lsfm", help=summary, description=summary)
-    parser.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID", help="nnU-Net dataset id (1-999)")
+    add_output_arguments(parser, "LSFM", "LSFM")
     parser.add_argument("--channels", nargs="+", required=True, metavar="VOLUME",
                         help="one TIFF stack or folder of 2D slices per channel, in channel order")
     parser.add_argument("--annotations", required=True, metavar="PATH",
@@ -394,14 +392,11 @@ def register_cli(subparsers) -> None:
                         help="voxel size in um of the input volumes")
     parser.add_argument("--classes", metavar="FILE",
                         help="class mapping: JSON {\"name\": value} or CSV name,value lines")
-    parser.add_argument("--name", default="LSFM", help="dataset name (DatasetXXX_<name>, default LSFM)")
     parser.add_argument("--case-id", metavar="CASE", help="case identifier (default: <name lower-case>_000)")
-    parser.add_argument("--out", metavar="RAW", help="raw folder to write into (default: $nnUNet_raw)")
     parser.add_argument("--axis", type=int, default=0, help="annotation axis in (z, y, x) order (default 0)")
     parser.add_argument("--in-plane-size", type=int, metavar="N",
                         help="downsample y and x to N x N (the paper trains at 128)")
     parser.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
                         help="share of the annotated slices held out for validation (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the hold-out draw (default 0)")
-    parser.add_argument("--format", choices=tuple(FILE_ENDINGS), default="nifti", help="output files (default nifti)")
     parser.set_defaults(func=_run)

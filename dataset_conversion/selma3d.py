@@ -62,7 +62,8 @@ import tifffile
 
 from nnunet_ext.dataset_conversion.readers import NIFTI_SUFFIXES, list_slices, read_nifti, read_slice
 from nnunet_ext.errors import UserError
-from nnunet_ext.raw_dataset import (FILE_ENDINGS, atomic_dataset_folder, check_dataset_id_and_name,
+from nnunet_ext.nnunet_paths import raw_output_folder
+from nnunet_ext.raw_dataset import (add_output_arguments, atomic_dataset_folder, check_dataset_id_and_name,
                                     check_file_format, check_free, dataset_folder_name, dataset_json, is_int,
                                     is_real, verify_raw_dataset, write_image)
 
@@ -669,9 +670,7 @@ def _check_inputs(patches, whole_brain: list, spacing) -> tuple[float, float, fl
 
 
 def _run(args: argparse.Namespace) -> None:
-    from nnunet_ext.nnunet_paths import require_folder
-
-    out = Path(args.out) if args.out else require_folder("nnUNet_raw")
+    out = raw_output_folder(args.out)
     folder = convert(out, args.dataset_id, args.structure, patches=args.patches, whole_brain=args.whole_brain,
                      spacing=args.spacing, size=args.size, threshold=args.threshold,
                      min_foreground=args.min_foreground, scheduler=args.scheduler, num_workers=args.workers,
@@ -688,7 +687,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
         "selma3d", help="SELMA3D light-sheet brains: annotated NIfTI patches and/or whole-brain slice folders",
         description="Annotated NIfTI patches (reoriented to LPS) and unannotated whole-brain slice folders "
                     "(streamed into sub-volumes labelled ignore) into one nnU-Net raw dataset.")
-    parser.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    add_output_arguments(parser, None, "SELMA3D_<structure>")
     parser.add_argument("--structure", required=True,
                         help=f"the annotated structure, label 1: {', '.join(STRUCTURES)}")
     parser.add_argument("--patches", type=Path, metavar="DIR",
@@ -708,9 +707,5 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                         help="Dask scheduler (tcp://host:port) for the whole-brain reads; default: local threads")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help=f"local threads for reading and writing (default {DEFAULT_WORKERS})")
-    parser.add_argument("--name", help="dataset name (default SELMA3D_<structure>)")
-    parser.add_argument("--out", help="raw folder to write into (default: $nnUNet_raw)")
-    parser.add_argument("--format", choices=tuple(FILE_ENDINGS), default="nifti",
-                        help="nifti (.nii.gz) or tif (Tiff3DIO .tif + spacing .json)")
     parser.set_defaults(func=_run)
     return parser

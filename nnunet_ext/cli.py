@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR, NNUNET_FOLDERS, ext_trainer_value, require_folder
+from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR, NNUNET_FOLDERS, ext_trainer_value, raw_output_folder
 
 
 def _env(args) -> None:
@@ -22,7 +22,7 @@ def _env(args) -> None:
 def _synth(args) -> None:
     from nnunet_ext.synth import write_synthetic_dataset
 
-    raw_dir = Path(args.out) if args.out else require_folder("nnUNet_raw")
+    raw_dir = raw_output_folder(args.out)
     every, n_slices = (None, args.slices) if args.slices is not None else (args.every, None)
     folder = write_synthetic_dataset(raw_dir, args.dataset_id, name=args.name, num_cases=args.cases,
                                      num_test_cases=args.test_cases, shape=tuple(args.size),

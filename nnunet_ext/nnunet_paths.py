@@ -31,6 +31,11 @@ def require_folder(var: str) -> Path:
     return Path(value)
 
 
+def raw_output_folder(out: str | None) -> Path:
+    """Where a command writes a raw dataset: ``--out`` when given, else $nnUNet_raw."""
+    return Path(out) if out else require_folder("nnUNet_raw")
+
+
 def dataset_folder(dataset: str | int, base_var: str = "nnUNet_preprocessed") -> Path:
     """Folder of a dataset given as id (``501``) or name (``Dataset501_X``) inside $base_var."""
     base = require_folder(base_var)

@@ -64,6 +64,15 @@ def check_file_format(file_format) -> None:
         raise UserError(f"invalid file format {file_format!r}: choose {' or '.join(FILE_ENDINGS)}")
 
 
+def add_output_arguments(parser, name_default: str | None, name_help: str, formats: bool = True) -> None:
+    """The arguments every dataset-writing command shares: -d/--dataset-id, --name, --out and --format."""
+    parser.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID", help="nnU-Net dataset id (1-999)")
+    parser.add_argument("--name", default=name_default, help=f"dataset name (DatasetXXX_<name>; default {name_help})")
+    parser.add_argument("--out", metavar="RAW", help="raw folder to write into (default: $nnUNet_raw)")
+    if formats:
+        parser.add_argument("--format", choices=tuple(FILE_ENDINGS), default="nifti", help="output files (default nifti)")
+
+
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
 

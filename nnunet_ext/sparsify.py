@@ -31,7 +31,7 @@ from nnunet_ext.dataset_conversion.readers import read_nifti, read_tiff
 from nnunet_ext.errors import UserError
 from nnunet_ext.raw_dataset import FILE_ENDINGS, check_free, dataset_folder_name, verify_raw_dataset, write_image
 from nnunet_ext.raw_dataset import atomic_dataset_folder
-from nnunet_ext.raw_dataset import check_axis, check_dataset_id_and_name, check_seed
+from nnunet_ext.raw_dataset import add_output_arguments, check_axis, check_dataset_id_and_name, check_seed
 from nnunet_ext.synth import annotated_slices, sparsify
 
 IGNORE = "ignore"
@@ -290,10 +290,10 @@ def sparsify_dataset(source: Path, out_dir: Path, dataset_id: int, name: str | N
 
 
 def _run(args) -> None:
-    from nnunet_ext.nnunet_paths import dataset_folder, require_folder
+    from nnunet_ext.nnunet_paths import dataset_folder, raw_output_folder
 
     source = Path(args.source) if Path(args.source).is_dir() else dataset_folder(args.source, "nnUNet_raw")
-    out_dir = Path(args.out) if args.out else require_folder("nnUNet_raw")
+    out_dir = raw_output_folder(args.out)
     folder = sparsify_dataset(source, out_dir, args.dataset_id, name=args.name, axis=args.axis, every=args.every,
                               n_slices=args.slices, holdout_fraction=args.holdout, seed=args.seed)
     print(f"wrote {folder}")
@@ -303,12 +303,9 @@ def register_cli(subparsers) -> None:
     """Add ``sparsify`` to the top-level ``nnunet-ext`` subcommands (``argparse`` subparsers)."""
     summary = "simulate sparse slice annotation from a dense nnU-Net raw dataset"
     parser = subparsers.add_parser("sparsify", help=summary, description=summary)
+    add_output_arguments(parser, None, "<source name>_sparse", formats=False)
     parser.add_argument("source", metavar="SOURCE",
                         help="dense raw dataset: a folder, or an id / DatasetXXX_Name in $nnUNet_raw")
-    parser.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID",
-                        help="id of the new dataset (1-999)")
-    parser.add_argument("--name", help="name of the new dataset (default: <source name>_sparse)")
-    parser.add_argument("--out", metavar="RAW", help="raw folder to write into (default: $nnUNet_raw)")
     parser.add_argument("--axis", type=int, default=0, help="annotation axis in (z, y, x) order (default 0)")
     sparsity = parser.add_mutually_exclusive_group(required=True)
     sparsity.add_argument("--every", type=int, metavar="K", help="keep every k-th slice (0, k, 2k, ...)")
