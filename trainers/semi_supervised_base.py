@@ -39,10 +39,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                 f"ignore label: mark unannotated voxels with an 'ignore' label (the highest label value) in labelsTr "
                 f"and rerun nnUNetv2_plan_and_preprocess, or train with nnUNetTrainer")
         super().initialize()
-        for key in self.ssl_log_keys:
-            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+        self._register_ssl_log_keys()
         self.print_to_log_file(f"{type(self).__name__} hyperparameters: {self.hyperparameters()}")
         self.logger.update_config({"ssl_hparams": self.hyperparameters()})
+
+    def _register_ssl_log_keys(self) -> None:
+        # nnU-Net's local logger only accepts keys it knows; registered keys are checkpointed with the rest.
+        for key in self.ssl_log_keys:
+            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
     def hyperparameters(self) -> dict:
         """The class attributes that define the method (logged at start)."""
@@ -140,8 +144,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])
-        for key in self.ssl_log_keys:
-            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
+        self._register_ssl_log_keys()  # checkpoints written by other trainers lack our keys
         self._best_ema = checkpoint["_best_ema"]
         self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
                                                                self.inference_allowed_mirroring_axes)
