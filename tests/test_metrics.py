@@ -175,6 +175,9 @@ def _thick_tube():
         (_line(2, 6), _line(2, 10), 2 / 3),
         (_line(2, 10), _line(2, 6), 2 / 3),
         (np.zeros((5, 5, 12), bool), _line(2, 10), 0.0),
+        # Thinning deletes a 3-voxel L in the z-x plane entirely; it is its own skeleton: Tprec = 1/1 (the pred
+        # voxel lies in gt), Tsens = 1/3 (1 of the L's 3 voxels predicted) -> 2 * 1/3 / (4/3) = 1/2.
+        (_volume((4, 4, 4), (1, 1, 1)), _volume((4, 4, 4), (1, 1, slice(1, 3)), (2, 1, 1)), 0.5),
         (np.zeros((5, 5, 12), bool), np.zeros((5, 5, 12), bool), NAN),
     ],
 )
