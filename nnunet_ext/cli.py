@@ -91,6 +91,10 @@ def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
     if with_conversion:
         _add_conversion_commands(commands)
 
+    from nnunet_ext import evaluation
+
+    evaluation.register_cli(commands)
+
     demo = commands.add_parser("demo", help="synth -> preprocess -> train -> predict -> Dice, on CPU")
     demo.add_argument("--out", default="nnunet_ext_demo", help="output folder (default: ./nnunet_ext_demo)")
     demo.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
@@ -99,7 +103,7 @@ def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
 
 
 # Commands that need none of the converters' imports (dask, scikit-image): `env` runs in shell start-up files.
-LIGHT_COMMANDS = ("env", "synth", "plans", "demo")
+LIGHT_COMMANDS = ("env", "synth", "plans", "demo", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
