@@ -280,7 +280,7 @@ def _read_case(channels: Sequence[Path], annotations: Path, classes: Path | dict
     return images, label, mapping, [index for index, _, _ in masks]
 
 
-def _downsample(images: list[np.ndarray], label: np.ndarray, spacing: Sequence[float], size: int
+def downsample_in_plane(images: list[np.ndarray], label: np.ndarray, spacing: Sequence[float], size: int
                 ) -> tuple[list[np.ndarray], np.ndarray, list[float]]:
     """Images, label and (z, y, x) spacing resampled in-plane to ``size`` x ``size``."""
     _, height, width = label.shape
@@ -344,7 +344,7 @@ def convert(channels: Sequence[Path], annotations: Path, out_dir: Path, dataset_
     train, held = split_holdout(annotated, holdout_fraction, seed)
     out_spacing = list(spacing)
     if in_plane_size is not None:
-        images, label, out_spacing = _downsample(images, label, spacing, in_plane_size)
+        images, label, out_spacing = downsample_in_plane(images, label, spacing, in_plane_size)
     arguments = {"channels": [str(Path(p).resolve()) for p in channels],
                  "annotations": str(Path(annotations).resolve()), "classes": mapping,
                  "input_shape": list(input_shape),

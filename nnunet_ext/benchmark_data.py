@@ -1,0 +1,174 @@
+"""The datasets ``nnunet-ext benchmark`` trains on: sparsity levels and dataset recipes.
+
+A recipe writes one sparse nnU-Net raw dataset per sparsity level (and per seed, where the data itself depends on
+the seed), each with ``labelsTr`` (sparse, ignore elsewhere), ``labelsTr_dense`` (dense truth of the training
+cases) and ``imagesTs``/``labelsTs`` (whole held-out volumes with dense truth):
+
+- ``synth``: ``nnunet-ext synth`` volumes; the seed draws new volumes, so every seed is a new dataset.
+- ``vesselnn``: the two-photon vessel volumes of ../shared/data/vesselnn (9 image/label TIFF pairs), made binary
+  (vessel = label > 0), downsampled in-plane, every third case (sorted by name) held out as a test volume; then
+  ``nnunet-ext sparsify``. The seed only repeats the training.
+- ``gala_fibsem``: the FIB-SEM volume of ../shared/data/gala_fibsem, neuron boundaries (instance id 0) as the
+  foreground class, cut into 4 tiles along x (the last one is the test volume); then ``nnunet-ext sparsify``.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_ext.errors import UserError
+from nnunet_ext.raw_dataset import atomic_dataset_folder, dataset_folder_name, dataset_json, verify_raw_dataset
+from nnunet_ext.raw_dataset import write_image
+
+_SPARSITY = re.compile(r"^(?:(every|slices):)?(\d+)$")
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Annotate every k-th slice (``every``) or N evenly spaced slices (``n_slices``) per volume."""
+
+    every: int | None = None
+    n_slices: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Sparsity":
+        """``every:4`` (or ``4``) -> every 4th slice; ``slices:3`` -> 3 slices per volume."""
+        match = _SPARSITY.match(str(text).strip())
+        if not match or int(match.group(2)) < 1:
+            raise UserError(f"invalid sparsity {text!r}: write every:K (every k-th slice, K >= 1) or slices:N "
+                            f"(N slices per volume), e.g. --sparsity every:4 every:8")
+        count = int(match.group(2))
+        return cls(n_slices=count) if match.group(1) == "slices" else cls(every=count)
+
+    @property
+    def label(self) -> str:
+        return f"every{self.every}" if self.every is not None else f"slices{self.n_slices}"
+
+    @property
+    def description(self) -> str:
+        return f"every {self.every}th slice" if self.every is not None else f"{self.n_slices} slices per volume"
+
+    @property
+    def annotated_share(self) -> float | None:
+        """Share of slices annotated (for plots); None for a fixed slice count, whose share depends on the volume."""
+        return 1.0 / self.every if self.every is not None else None
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    per_seed: bool  # True: the seed changes the data, so each seed gets its own dataset
+    default_sparsities: tuple[str, ...]
+    needs_data: bool
+
+
+RECIPES = {
+    "synth": Recipe("synth", per_seed=True, default_sparsities=("every:4", "every:8"), needs_data=False),
+    "vesselnn": Recipe("vesselnn", per_seed=False, default_sparsities=("slices:5", "slices:3"), needs_data=True),
+    "gala_fibsem": Recipe("gala_fibsem", per_seed=False, default_sparsities=("every:5", "every:10"),
+                          needs_data=True),
+}
+
+SYNTH_CASES = dict(num_cases=6, num_test_cases=2, shape=(24, 64, 64))
+VESSELNN_SPACING = (5.0, 1.0, 1.0)  # um; the source gives 5 um between slices and 0.6-2.5 um in-plane per file
+VESSELNN_IN_PLANE_FACTOR = 2
+GALA_TILES = 4
+
+
+def write_sparse_dataset(recipe: str, raw_dir: Path, dataset_id: int, name: str, sparsity: Sparsity, seed: int,
+                         dense_source: Path | None = None) -> Path:
+    """One sparse raw dataset of ``recipe``; real-data recipes sparsify ``dense_source`` (see ``write_dense``)."""
+    if recipe == "synth":
+        from nnunet_ext.synth import write_synthetic_dataset
+
+        return write_synthetic_dataset(raw_dir, dataset_id, name=name, every=sparsity.every,
+                                       n_slices=sparsity.n_slices, seed=seed, **SYNTH_CASES)
+    from nnunet_ext.sparsify import sparsify_dataset
+
+    return sparsify_dataset(dense_source, raw_dir, dataset_id, name=name, every=sparsity.every,
+                            n_slices=sparsity.n_slices)
+
+
+def write_dense(recipe: str, data_dir: Path, raw_dir: Path, dataset_id: int, name: str) -> Path:
+    """The dense raw dataset of a real-data recipe, read from ``data_dir``."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"--data {data_dir} is not a folder: pass the {recipe} folder, e.g. ../shared/data/{recipe}")
+    writer = {"vesselnn": _write_vesselnn, "gala_fibsem": _write_gala}[recipe]
+    with atomic_dataset_folder(raw_dir, dataset_id, name) as folder:
+        writer(data_dir, folder, name)
+        verify_raw_dataset(folder)
+    return Path(raw_dir) / dataset_folder_name(dataset_id, name)
+
+
+def vesselnn_pairs(data_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """``{key: (image, label)}``: ``images/<key>_BM4D_denoised.tif`` with the label file starting with ``<key>``."""
+    images = sorted((data_dir / "images").glob("*_BM4D_denoised.tif"))
+    labels = sorted((data_dir / "labels").glob("*.tif"))
+    if not images:
+        raise UserError(f"{data_dir / 'images'} holds no *_BM4D_denoised.tif: pass the vesselnn folder as --data")
+    pairs = {}
+    for image in images:
+        key = image.name[:-len("_BM4D_denoised.tif")]
+        matches = [label for label in labels if label.name.startswith(key)]
+        if len(matches) != 1:
+            raise UserError(f"{image}: expected one label file starting with {key!r} in {data_dir / 'labels'}, "
+                            f"found {len(matches)}")
+        pairs[key] = (image, matches[0])
+    return pairs
+
+
+def _write_vesselnn(data_dir: Path, folder: Path, name: str) -> None:
+    from nnunet_ext.dataset_conversion.lsfm import downsample_in_plane
+    from nnunet_ext.dataset_conversion.readers import read_tiff
+
+    pairs = vesselnn_pairs(data_dir)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (folder / sub).mkdir()
+    train = []
+    for index, (key, (image_file, label_file)) in enumerate(pairs.items()):
+        image, label = read_tiff(image_file), read_tiff(label_file)
+        if image.shape != label.shape:
+            raise UserError(f"{label_file} has shape {label.shape}, its image {image.shape}: check the pairing")
+        size = image.shape[1] // VESSELNN_IN_PLANE_FACTOR
+        (image,), label, spacing = downsample_in_plane([image], (label > 0).astype(np.uint8), VESSELNN_SPACING,
+                                                       size)
+        split = "Ts" if index % 3 == 2 else "Tr"
+        write_image(image, folder / f"images{split}" / key, spacing, channel=0)
+        write_image(label, folder / f"labels{split}" / key, spacing)
+        if split == "Tr":
+            train.append(key)
+    document = dataset_json(name, {0: "two-photon"}, {"background": 0, "vessel": 1}, len(train),
+                            description="vesselNN two-photon vasculature (Teikari et al. 2016), dense labels, "
+                                        f"in-plane downsampled {VESSELNN_IN_PLANE_FACTOR}x; nominal spacing",
+                            source=str(data_dir.resolve()))
+    (folder / "dataset.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
+def _write_gala(data_dir: Path, folder: Path, name: str) -> None:
+    from nnunet_ext.dataset_conversion.readers import read_hdf5
+
+    image = read_hdf5(data_dir / "train-image.h5", "stack")
+    instances = read_hdf5(data_dir / "train-gt.lzf.h5", "stack")
+    if image.shape != instances.shape:
+        raise UserError(f"{data_dir}: image {image.shape} and labels {instances.shape} differ in shape")
+    boundary = (instances == 0).astype(np.uint8)  # gala marks the boundaries between neurons with id 0
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (folder / sub).mkdir()
+    tiles = np.array_split(np.arange(image.shape[2]), GALA_TILES)
+    for index, columns in enumerate(tiles):
+        split = "Ts" if index == GALA_TILES - 1 else "Tr"
+        case = f"gala_{index:03d}"
+        window = np.s_[:, :, columns[0]:columns[-1] + 1]
+        write_image(image[window], folder / f"images{split}" / case, (1.0, 1.0, 1.0), channel=0)
+        write_image(boundary[window], folder / f"labels{split}" / case, (1.0, 1.0, 1.0))
+    document = dataset_json(name, {0: "FIB-SEM"}, {"background": 0, "boundary": 1}, GALA_TILES - 1,
+                            description="gala FIB-SEM (Drosophila medulla): neuron boundaries, dense, tiled along x",
+                            source=str(data_dir.resolve()))
+    (folder / "dataset.json").write_text(json.dumps(document, indent=2) + "\n")
