@@ -91,9 +91,15 @@ def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
     if with_conversion:
         _add_conversion_commands(commands)
 
-    from nnunet_ext import evaluation
+    from nnunet_ext import benchmark, evaluation, speed
 
     evaluation.register_cli(commands)
+    runs = commands.add_parser("benchmark", help="trainers against stock nnU-Net on the same sparse labels "
+                               "(`benchmark speed`: step time and memory)",
+                               description="Train, predict and score trainers against stock nnU-Net over sparsity "
+                               "levels and seeds; `nnunet-ext benchmark speed -h` for the speed benchmark.")
+    benchmark.add_arguments(runs)
+    speed.register_cli(runs.add_subparsers(dest="mode", metavar="{speed}"))
 
     demo = commands.add_parser("demo", help="synth -> preprocess -> train -> predict -> Dice, on CPU")
     demo.add_argument("--out", default="nnunet_ext_demo", help="output folder (default: ./nnunet_ext_demo)")
@@ -103,7 +109,7 @@ def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
 
 
 # Commands that need none of the converters' imports (dask, scikit-image): `env` runs in shell start-up files.
-LIGHT_COMMANDS = ("env", "synth", "plans", "demo", "evaluate")
+LIGHT_COMMANDS = ("env", "synth", "plans", "demo", "evaluate", "benchmark")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,11 +42,11 @@ def nnunet_command(name: str) -> str:
 
 
 def run_logged(title: str, command: list[str], env: dict, log: Path, progress: re.Pattern | None = None,
-               total: int | None = None) -> None:
+               total: int | None = None, leave: bool = True) -> None:
     """Run ``command``, its output going to ``log``; show a bar advanced by lines matching ``progress``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     unit = "step" if progress else "line"
-    with open(log, "w") as out, tqdm(total=total, desc=title, unit=unit, leave=True) as bar:
+    with open(log, "w") as out, tqdm(total=total, desc=title, unit=unit, leave=leave) as bar:
         out.write("$ " + " ".join(command) + "\n")
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:

@@ -17,3 +17,14 @@ class TrainingBudgetMixin:
         self.num_epochs = self.budget_epochs
         self.num_iterations_per_epoch = self.budget_iterations_per_epoch
         self.num_val_iterations_per_epoch = self.budget_val_iterations_per_epoch
+
+
+def budget_variant(base: type, name: str, epochs: int, iterations: int, val_iterations: int, module: str) -> type:
+    """``base`` on a budget of ``epochs`` x ``iterations`` (``val_iterations`` per validation), named ``name``.
+
+    ``module`` is the ``__name__`` of the module that binds the class to ``name``, so it can be found again.
+    """
+    attributes = {"budget_epochs": epochs, "budget_iterations_per_epoch": iterations,
+                  "budget_val_iterations_per_epoch": val_iterations, "__module__": module,
+                  "__doc__": f"{base.__name__} on a budget of {epochs} epochs x {iterations} iterations."}
+    return type(name, (TrainingBudgetMixin, base), attributes)

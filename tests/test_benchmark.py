@@ -1,0 +1,231 @@
+"""``nnunet-ext benchmark``: sparsity levels, statistics, resumable orchestration, the data recipes, a real run."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import nnunet_ext.benchmark as benchmark
+from nnunet_ext.benchmark import BenchmarkFolder, BenchmarkSettings, mean_std, paired_difference, run_benchmark
+from nnunet_ext.benchmark_data import Sparsity, vesselnn_pairs, write_dense
+from nnunet_ext.errors import UserError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.parametrize("text, every, n_slices, label", [
+    ("every:4", 4, None, "every4"), ("4", 4, None, "every4"), ("slices:3", None, 3, "slices3")])
+def test_sparsity_levels(text, every, n_slices, label):
+    level = Sparsity.parse(text)
+    assert (level.every, level.n_slices, level.label) == (every, n_slices, label)
+
+
+@pytest.mark.parametrize("text", ["every:0", "slices:-1", "half", "every:two"])
+def test_bad_sparsity_levels(text):
+    with pytest.raises(UserError, match="every:K"):
+        Sparsity.parse(text)
+
+
+def test_mean_std():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)  # sample std: sqrt((1 + 0 + 1) / 2)
+    mean, std, n = mean_std([float("nan"), 0.5])
+    assert (mean, n) == (0.5, 1) and math.isnan(std)
+
+
+def result(trainer, seed, test_cases, sparsity="every4"):
+    return {"trainer": trainer, "seed": seed, "sparsity": sparsity, "test": {"cases": test_cases},
+            "train": {"cases": {}}}
+
+
+def test_paired_difference_pairs_the_same_seed_and_case():
+    results = [result("nnUNetTrainer", 0, {"a": 0.5, "b": 0.6}), result("nnUNetTrainer", 1, {"a": 0.7}),
+               result("Ours", 0, {"a": 0.6, "b": 0.5}), result("Ours", 1, {"a": 0.9, "c": 0.1}),
+               result("Ours", 0, {"a": 0.0}, sparsity="every8")]
+    d = paired_difference(results, "Ours", "every4", "test")
+    # Pairs (0, a) +0.1, (0, b) -0.1, (1, a) +0.2; case c has no stock partner, every8 is another level.
+    assert d["n"] == 3 and d["wins"] == 2
+    assert d["mean"] == pytest.approx(0.2 / 3)
+    # Deviations 1/30, -1/6, 2/15: squares sum to 0.04667, / 2 -> std 0.1528.
+    assert d["std"] == pytest.approx(math.sqrt((1 / 900 + 1 / 36 + 4 / 225) / 2))
+    assert math.isnan(d["p"])  # fewer than 6 pairs
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(recipe="mri"), "unknown recipe"),
+    (dict(recipe="vesselnn"), "pass --data"),
+    (dict(seeds=[0, 0]), "distinct"),
+    (dict(epochs=0), "--epochs"),
+    (dict(trainers=["NoSuchTrainer"]), "'NoSuchTrainer' not found"),
+    (dict(sparsities=["every:0"]), "invalid sparsity"),
+])
+def test_bad_settings(arguments, message):
+    with pytest.raises(UserError, match=message):
+        BenchmarkSettings(**arguments)
+
+
+def test_stock_comes_first_and_only_once():
+    settings = BenchmarkSettings(trainers=["MeanTeacherTrainer", "nnUNetTrainer", "MeanTeacherTrainer"])
+    assert settings.trainers == ["nnUNetTrainer", "MeanTeacherTrainer"]
+    assert settings.sparsities == ["every:4", "every:8"]  # the synth recipe's levels
+
+
+def test_the_folder_refuses_other_settings_and_foreign_folders(tmp_path):
+    BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(epochs=5))
+    BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(epochs=5, seeds=[0, 1, 2, 3]))  # more seeds: resumable
+    with pytest.raises(UserError, match="epochs: 5 there, 6 now"):
+        BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(epochs=6))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not a benchmark folder"):
+        BenchmarkFolder(tmp_path / "mine", BenchmarkSettings())
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def fake_result(trainer, sparsity, seed, dice):
+    aggregate = {"mean": {"dice": dice, "slice_dice": dice, "cldice": dice, "dice_unannotated": dice,
+                          "dice_annotated": 1.0, "dice_by_distance": {"0": 1.0, "1": dice}}}
+    return {"trainer": trainer, "sparsity": sparsity.label, "seed": seed, "dataset": "Dataset100_X",
+            "minutes": 0.5, "test": {"aggregate": aggregate, "cases": {"t0": dice}},
+            "train": {"aggregate": aggregate, "cases": {"c0": dice}}}
+
+
+def test_runs_are_resumed_and_a_failing_run_does_not_stop_the_others(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(folder, raw, sparsity, seed, trainer):
+        calls.append((trainer, sparsity.label, seed))
+        if trainer == "MeanTeacherTrainer" and seed == 1:
+            raise RuntimeError("out of memory")
+        r = fake_result(trainer, sparsity, seed, 0.5 if trainer == "nnUNetTrainer" else 0.6)
+        benchmark._write_json(folder.run_folder(sparsity, seed, trainer) / "result.json", r)
+        return r
+
+    monkeypatch.setattr(benchmark, "prepare_dataset", lambda folder, sparsity, seed: tmp_path / "raw")
+    monkeypatch.setattr(benchmark, "run_one", fake_run)
+    settings = BenchmarkSettings(trainers=["MeanTeacherTrainer"], sparsities=["every:4"], seeds=[0, 1])
+    summary = run_benchmark(tmp_path / "bench", settings)
+    assert len(calls) == 4
+    assert [(f["trainer"], f["seed"]) for f in summary["failures"]] == [("MeanTeacherTrainer", 1)]
+    assert len(summary["rows"]) == 3
+    markdown = (tmp_path / "bench" / "results.md").read_text()
+    assert "| nnUNetTrainer | 2 | 0.500 ± 0.000 |" in markdown
+    assert "| MeanTeacherTrainer | 1 | 0.600 |" in markdown
+    assert "+0.100 ± n/a (wins 1/1)" in markdown  # the one (seed 0, t0) pair
+    assert "MeanTeacherTrainer every4 seed 1: the run failed: out of memory" in markdown
+    assert (tmp_path / "bench" / "dice_vs_sparsity.png").is_file()
+    assert (tmp_path / "bench" / "dice_vs_distance.png").is_file()
+
+    calls.clear()
+    summary = run_benchmark(tmp_path / "bench", settings)
+    assert calls == [("MeanTeacherTrainer", "every4", 1)]  # only the failed run is tried again
+    assert len(summary["failures"]) == 1
+
+
+def test_the_generated_trainers_carry_the_budget(tmp_path):
+    settings = BenchmarkSettings(trainers=["MeanTeacherContinuityTrainer"], epochs=3, iterations=20)
+    folder = BenchmarkFolder(tmp_path / "bench", settings)
+    folder.write_trainer_module(settings.trainers)
+    namespace = {"__name__": benchmark.TRAINER_MODULE}
+    exec((folder.trainer_folder / f"{benchmark.TRAINER_MODULE}.py").read_text(), namespace)
+    from nnunet_ext.trainers import MeanTeacherContinuityTrainer
+
+    variant = namespace["MeanTeacherContinuityTrainer_bench3x20"]
+    assert issubclass(variant, MeanTeacherContinuityTrainer) and variant.__name__ == "MeanTeacherContinuityTrainer_bench3x20"
+    assert (variant.budget_epochs, variant.budget_iterations_per_epoch, variant.budget_val_iterations_per_epoch) \
+        == (3, 20, 2)
+    assert namespace["nnUNetTrainer_bench3x20"].budget_epochs == 3
+
+
+def _read(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.mark.skipif(not (DATA / "vesselnn").is_dir(), reason="../shared/data/vesselnn is not available")
+def test_vesselnn_recipe(tmp_path):
+    pairs = vesselnn_pairs(DATA / "vesselnn")
+    assert len(pairs) == 9 and pairs["poon2015_BBB_Leakage"][1].name == "poon2015_BBB_Leakage_manualLabels_v2.tif"
+    folder = write_dense("vesselnn", DATA / "vesselnn", tmp_path, 99, "VesselnnDense")
+    document = json.loads((folder / "dataset.json").read_text())
+    assert document["labels"] == {"background": 0, "vessel": 1} and document["numTraining"] == 6
+    tests = sorted(p.name for p in (folder / "labelsTs").iterdir())
+    # Every third case in name order is a test volume.
+    assert tests == ["burgess2014_noisySparseVessels.nii.gz", "poon2015_BBB_noLeakage.nii.gz",
+                     "santos2015_mixedSizelowContrastVessels.nii.gz"]
+    label = sitk.ReadImage(str(folder / "labelsTr" / "burgess2014_lowerRes_hiSNR.nii.gz"))
+    assert sitk.GetArrayFromImage(label).shape == (26, 160, 160)  # 320 x 320 halved in-plane
+    assert label.GetSpacing() == pytest.approx((2.0, 2.0, 5.0))  # SimpleITK's (x, y, z)
+    values = np.unique(_read(folder / "labelsTs" / "santos2015_mixedSizelowContrastVessels.nii.gz"))
+    assert values.tolist() == [0, 1]  # 254 in the source
+
+
+@pytest.mark.skipif(not (DATA / "gala_fibsem").is_dir(), reason="../shared/data/gala_fibsem is not available")
+def test_gala_recipe(tmp_path):
+    folder = write_dense("gala_fibsem", DATA / "gala_fibsem", tmp_path, 98, "GalaDense")
+    train = sorted((folder / "labelsTr").iterdir())
+    assert [p.name for p in train] == ["gala_000.nii.gz", "gala_001.nii.gz", "gala_002.nii.gz"]
+    test = _read(folder / "labelsTs" / "gala_003.nii.gz")
+    assert test.shape == (50, 100, 50)
+    assert 0.05 < test.mean() < 0.12  # boundaries are about 7-9 % of the voxels
+
+
+@pytest.mark.integration
+def test_a_real_benchmark_through_nnunet(tmp_path, monkeypatch):
+    """Stock and MeanTeacherTrainer on one tiny synthetic sparsity level, through the real nnU-Net commands."""
+    monkeypatch.setattr(benchmark, "write_sparse_dataset", _small_synth)
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    monkeypatch.setenv("nnUNet_compile", "false")
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA"):
+        monkeypatch.delenv(variable, raising=False)
+    settings = BenchmarkSettings(trainers=["MeanTeacherTrainer"], sparsities=["every:4"], seeds=[0], epochs=1,
+                                 iterations=2)
+    out = tmp_path / "bench"
+    summary = run_benchmark(out, settings)
+    assert summary["failures"] == [] and len(summary["rows"]) == 2
+    for row in summary["rows"]:
+        for column in ("test_dice", "unannotated_dice", "annotated_dice"):
+            assert 0.0 <= row[column] <= 1.0
+    run = out / "runs" / "every4" / "seed0" / "MeanTeacherTrainer"
+    saved = json.loads((run / "result.json").read_text())
+    assert saved["trained_as"] == "MeanTeacherTrainer_bench1x2" and set(saved["test"]["cases"]) == {"small_test_000"}
+    assert set(saved["train"]["cases"]) == {f"small_{i:03d}" for i in range(4)}  # fold all validates every case
+    fold = next((out / "nnUNet_results").glob("Dataset100_*/MeanTeacherTrainer_bench1x2__nnUNetPlans_tiny__"
+                                              "3d_fullres/fold_all"))
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert (run / "test_predictions" / "small_test_000.nii.gz").is_file()
+    assert "| MeanTeacherTrainer | 1 |" in (out / "results.md").read_text()
+
+    modified = (run / "result.json").stat().st_mtime_ns
+    run_benchmark(out, settings)  # everything finished: nothing is redone
+    assert (run / "result.json").stat().st_mtime_ns == modified
+
+
+def _small_synth(recipe, raw_dir, dataset_id, name, sparsity, seed, dense_source=None):
+    from nnunet_ext.synth import write_synthetic_dataset
+
+    return write_synthetic_dataset(raw_dir, dataset_id, name="Small", num_cases=4, num_test_cases=1,
+                                   shape=(16, 32, 32), every=sparsity.every, seed=seed)
+
+
+@pytest.mark.integration
+def test_speed_benchmark(tiny_dataset, monkeypatch, tmp_path, capsys):
+    from conftest import train_env
+    from nnunet_ext.cli import main
+
+    for key, value in train_env(tiny_dataset.env).items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    saved = tmp_path / "speed.json"
+    assert main(["benchmark", "speed", "-d", str(tiny_dataset.dataset_id), "--trainers", "MeanTeacherTrainer",
+                 "--repeats", "2", "--json", str(saved)]) == 0
+    table = capsys.readouterr().out
+    assert "nnUNetPlans_tiny / 3d_fullres" in table and "MeanTeacherTrainer" in table
+    results = json.loads(saved.read_text())["trainers"]
+    assert list(results) == ["nnUNetTrainer", "MeanTeacherTrainer"]
+    stock, ours = results["nnUNetTrainer"], results["MeanTeacherTrainer"]
+    assert stock["time_ratio"] == 1.0 and stock["memory_ratio"] == 1.0
+    assert ours["seconds"] > 0 and ours["peak_bytes"] > 0
+    assert ours["time_ratio"] == pytest.approx(ours["seconds"] / stock["seconds"])
+    assert ours["memory_ratio"] == pytest.approx(ours["peak_bytes"] / stock["peak_bytes"])
