@@ -45,7 +45,8 @@ SETTINGS_FILE = "benchmark.json"
 TRAINER_MODULE = "nnunet_ext_benchmark_trainers"
 FOLD = "all"
 FIRST_DATASET_ID = 100
-DEFAULT_TRAINERS = ("MeanTeacherTrainer", "MeanTeacherContinuityTrainer")
+# The short CPU budget needs the short-budget EMA decay (see MeanTeacherTrainer_ema99).
+DEFAULT_TRAINERS = ("MeanTeacherTrainer_ema99", "MeanTeacherContinuityTrainer_ema99")
 # Settings a resumed benchmark must share with the runs already in its folder.
 FIXED_SETTINGS = ("recipe", "data", "epochs", "iterations", "plans", "configuration", "device")
 
@@ -57,7 +58,7 @@ class BenchmarkSettings:
     trainers: list[str] = field(default_factory=lambda: list(DEFAULT_TRAINERS))
     sparsities: list[str] | None = None  # None: the recipe's defaults
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 40
+    epochs: int = 50
     iterations: int = 50
     plans: str = "tiny"  # "tiny": derive nnUNetPlans_tiny; else an existing plans identifier, e.g. nnUNetPlans
     configuration: str = "3d_fullres"

@@ -26,6 +26,17 @@ def test_names_and_defaults_of_the_paper():
         assert getattr(MeanTeacherContinuityTrainer, attribute) == value
 
 
+def test_short_budget_variants_change_only_the_ema_decay():
+    from nnunet_ext.trainers import (MeanTeacherContinuityTrainer_demo, MeanTeacherContinuityTrainer_ema99,
+                                     MeanTeacherTrainer_ema99)
+
+    for variant, base in [(MeanTeacherTrainer_ema99, MeanTeacherTrainer),
+                          (MeanTeacherContinuityTrainer_ema99, MeanTeacherContinuityTrainer)]:
+        assert issubclass(variant, base) and variant.ema_alpha == 0.99
+        assert {k for k in vars(variant) if not k.startswith("__")} == {"ema_alpha"}
+    assert MeanTeacherContinuityTrainer_demo.ema_alpha == 0.99
+
+
 def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
     env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
     args = [ds, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnUNetPlans_tiny", "-device", "cpu"]

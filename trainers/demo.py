@@ -3,7 +3,7 @@
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.trainers.budget import TrainingBudgetMixin
-from nnunet_ext.trainers.mean_teacher import MeanTeacherContinuityTrainer
+from nnunet_ext.trainers.mean_teacher import MeanTeacherContinuityTrainer_ema99
 
 
 class DemoBudget(TrainingBudgetMixin):
@@ -19,9 +19,8 @@ class nnUNetTrainer_demo(DemoBudget, nnUNetTrainer):
     """Stock nnU-Net on the demo budget: the reference."""
 
 
-class MeanTeacherContinuityTrainer_demo(DemoBudget, MeanTeacherContinuityTrainer):
-    """MeanTeacherContinuityTrainer on the demo budget."""
+class MeanTeacherContinuityTrainer_demo(DemoBudget, MeanTeacherContinuityTrainer_ema99):
+    """MeanTeacherContinuityTrainer on the demo budget, with the short-budget EMA decay 0.99.
 
-    # The EMA's time constant 1 / (1 - alpha) must be short against the 1000 demo steps: 0.999 would average the
-    # teacher over the whole run (measured: validation Dice 0.43 with 0.999, 0.76 with 0.99, stock 0.86; one seed).
-    ema_alpha = 0.99
+    Measured at this budget (validation Dice, one seed): 0.43 with alpha 0.999, 0.76 with 0.99; stock 0.86.
+    """

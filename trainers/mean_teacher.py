@@ -117,3 +117,19 @@ class MeanTeacherContinuityTrainer(MeanTeacherTrainer):
     """The paper's method: Mean-Teacher consistency plus the axial continuity loss."""
 
     continuity_weight: float = 10.0
+
+
+class MeanTeacherTrainer_ema99(MeanTeacherTrainer):
+    """MeanTeacherTrainer for short budgets (CPU runs, the benchmark): EMA decay 0.99 instead of 0.999.
+
+    The teacher's time constant 1 / (1 - alpha) must be short against the run: 0.999 averages over the last 1000
+    steps, most of a few-thousand-step run (nnU-Net's default is 250 000 steps).
+    """
+
+    ema_alpha = 0.99
+
+
+class MeanTeacherContinuityTrainer_ema99(MeanTeacherContinuityTrainer):
+    """MeanTeacherContinuityTrainer for short budgets: EMA decay 0.99 (see MeanTeacherTrainer_ema99)."""
+
+    ema_alpha = 0.99
