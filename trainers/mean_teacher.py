@@ -72,7 +72,7 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
                   else target.to(self.device, non_blocking=True))
         # The consistency and continuity losses use the full-resolution output only: the downsampled deep-supervision
-        # targets mark a voxel unlabeled only where all its children are, so they would count different voxels.
+        # targets are nearest-neighbour samples (one child per coarse voxel), so they would count other voxels.
         unlabeled = unlabeled_mask(first_output(target), self.label_manager.ignore_label)
         lambda_cons, lambda_cont = self.ramp_weights()
 
