@@ -190,3 +190,25 @@ def test_missing_pseudo_labels_stop_with_the_command_that_creates_them(in_proces
     trainer = in_process(PseudoLabelWeightedTrainer, fold=4)
     with pytest.raises(RuntimeError, match="no pseudo-labels for 4 training cases of fold 4 .*-f 4 --to 3d_fullres`"):
         trainer.get_tr_and_val_datasets()
+
+
+def test_pseudolabels_bad_input_is_one_error_line(tiny_dataset, monkeypatch, capsys):
+    result = cli("nnunet-ext", "pseudolabels", "-d", str(tiny_dataset.dataset_id), "-tr", "NoSuchTrainer", "-p", PLANS,
+                 "-f", "1", "-device", "cpu", env=tiny_dataset.env, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("nnunet-ext: error: no source model at ")
+    assert ("train it with `nnUNetv2_train Dataset007_SynthMicroscopy 2d 1 -tr NoSuchTrainer -p nnUNetPlans_tiny`"
+            in lines[0])
+    (dataset,) = (tiny_dataset.root / "nnUNet_preprocessed").glob("Dataset007_*")
+    assert not pseudo_label_folder(dataset, DATA_IDENTIFIER, 1).exists()
+
+    from nnunet_ext.cli import main
+
+    for key, value in tiny_dataset.env.items():
+        monkeypatch.setenv(key, value)
+    for args, fragment in [(["-f", "x"], "invalid fold 'x'"),
+                           (["--to", "3d_lowres"], "configuration '3d_lowres' is not in nnUNetPlans_tiny.json"),
+                           (["-p", "NoPlans"], "plans 'NoPlans' not found")]:
+        assert main(["pseudolabels", "-d", str(tiny_dataset.dataset_id), "-p", PLANS, *args]) == 2
+        assert fragment in capsys.readouterr().err
