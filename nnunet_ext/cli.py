@@ -56,6 +56,12 @@ def _add_conversion_commands(commands) -> None:
     instances.register_cli(commands)
 
 
+def _add_pseudolabel_command(commands) -> None:
+    from nnunet_ext import pseudolabels
+
+    pseudolabels.register_cli(commands)
+
+
 def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ext", description="nnU-Net v2 extensions for sparsely annotated 3D "
                                      "microscopy: run nnU-Net's own commands with our trainers (see README).")
@@ -90,6 +96,7 @@ def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
 
     if with_conversion:
         _add_conversion_commands(commands)
+        _add_pseudolabel_command(commands)
 
     from nnunet_ext import benchmark, evaluation, speed
 

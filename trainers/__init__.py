@@ -3,6 +3,7 @@
 from nnunet_ext.trainers.demo import MeanTeacherContinuityTrainer_demo, nnUNetTrainer_demo
 from nnunet_ext.trainers.mean_teacher import (MeanTeacherContinuityTrainer, MeanTeacherContinuityTrainer_ema99,
                                               MeanTeacherTrainer, MeanTeacherTrainer_ema99)
+from nnunet_ext.trainers.pseudo_label import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
 
 __all__ = [
     "MeanTeacherTrainer",
@@ -11,4 +12,6 @@ __all__ = [
     "MeanTeacherContinuityTrainer_ema99",
     "nnUNetTrainer_demo",
     "MeanTeacherContinuityTrainer_demo",
+    "PseudoLabelWeightedTrainer",
+    "PseudoLabelConfidenceTrainer",
 ]

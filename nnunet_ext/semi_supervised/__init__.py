@@ -1,20 +1,24 @@
 """Torch-only semi-supervised components (no nnU-Net imports): EMA teacher, ramp-ups, strong intensity
-perturbations, the unlabeled-voxel mask, and the consistency / axial-continuity losses."""
+perturbations, the unlabeled-voxel mask, the consistency / axial-continuity losses, and pseudo-label targets with
+a voxel-weighted Dice + CE."""
 
 from nnunet_ext.semi_supervised.consistency import sharpened_consistency_loss
 from nnunet_ext.semi_supervised.continuity import axial_continuity_loss
 from nnunet_ext.semi_supervised.ema import EMATeacher, unwrap
 from nnunet_ext.semi_supervised.masks import unlabeled_mask
 from nnunet_ext.semi_supervised.perturbations import StrongIntensityPerturbation
+from nnunet_ext.semi_supervised.pseudo_label import VoxelWeightedDiceCE, split_pseudo_label_target
 from nnunet_ext.semi_supervised.rampup import linear_warmup, sigmoid_rampup
 
 __all__ = [
     "EMATeacher",
     "StrongIntensityPerturbation",
+    "VoxelWeightedDiceCE",
     "axial_continuity_loss",
     "linear_warmup",
     "sharpened_consistency_loss",
     "sigmoid_rampup",
+    "split_pseudo_label_target",
     "unlabeled_mask",
     "unwrap",
 ]

@@ -6,7 +6,7 @@ used with nnUNet_n_proc_DA=0, where nothing needs to pickle them.
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.trainers import MeanTeacherContinuityTrainer
+from nnunet_ext.trainers import MeanTeacherContinuityTrainer, PseudoLabelWeightedTrainer
 from nnunet_ext.trainers.budget import TrainingBudgetMixin
 
 
@@ -22,3 +22,15 @@ class nnUNetTrainer_exttest(TestBudget, nnUNetTrainer):
 
 class MeanTeacherContinuityTrainer_exttest(TestBudget, MeanTeacherContinuityTrainer):
     pass
+
+
+class PseudoLabelWeightedTrainer_exttest(TestBudget, PseudoLabelWeightedTrainer):
+    pass
+
+
+class nnUNetTrainer_exttest_noval(nnUNetTrainer_exttest):
+    """A stock model that only feeds a later step (e.g. the 2D model of the pseudo-labels): skips nnU-Net's final
+    validation, which spawns worker processes and takes most of a tiny run's time."""
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("final validation skipped (test trainer)")

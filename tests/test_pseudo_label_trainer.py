@@ -1,0 +1,214 @@
+"""PseudoLabelWeightedTrainer and `nnunet-ext pseudolabels` inside nnU-Net: the 2D -> 3D workflow through the real
+CLIs, the pseudo-labels' alignment with the labels after nnU-Net's augmentation, and the missing-pseudo-label stop.
+
+Folds of the shared tiny dataset used here: 0 = the CLI workflow, 2 = dense-ground-truth pseudo-labels (alignment),
+3 and 4 = missing pseudo-labels.
+"""
+
+import json
+
+import blosc2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_pickle
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from conftest import TINY_SHAPE, cli, train_env
+from nnunet_ext.nnunet_paths import dataset_folder
+from nnunet_ext.pseudolabels import (load_record, pseudo_label_array, pseudo_label_folder, save_pseudo_labels,
+                                     to_preprocessed_geometry, write_record)
+from nnunet_ext.semi_supervised.pseudo_label import CONFIDENCE_SCALE
+from nnunet_ext.steptime import build_trainer, draw_batches
+from nnunet_ext.trainers import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
+
+pytestmark = pytest.mark.integration
+PLANS = "nnUNetPlans_tiny"
+DATA_IDENTIFIER = "nnUNetPlans_3d_fullres"
+IGNORE = 3
+MODEL_2D = "nnUNetTrainer_exttest_noval"
+
+
+def read_log(fold_folder) -> str:
+    return "\n".join(p.read_text() for p in sorted(fold_folder.glob("training_log_*.txt")))
+
+
+def test_2d_training_pseudolabels_3d_training_and_prediction_through_the_clis(tiny_dataset, monkeypatch):
+    env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
+    results = tiny_dataset.root / "nnUNet_results"
+    preprocessed = tiny_dataset.root / "nnUNet_preprocessed"
+    cli("nnUNetv2_preprocess", "-d", ds, "-c", "2d", "-np", "1", env=tiny_dataset.env)
+    cli("nnUNetv2_train", ds, "2d", "0", "-tr", MODEL_2D, "-p", PLANS, "-device", "cpu", env=env)
+
+    run = cli("nnunet-ext", "pseudolabels", "-d", ds, "--from", "2d", "-tr", MODEL_2D, "-p", PLANS, "-f", "0",
+              "--to", "3d_fullres", "-device", "cpu", "--disable-tta", env=env)
+    (dataset,) = preprocessed.glob("Dataset007_*")
+    folder = pseudo_label_folder(dataset, DATA_IDENTIFIER, 0)
+    split = json.loads((dataset / "splits_final.json").read_text())[0]
+    record = load_record(folder)
+    assert record["cases"] == split["train"] and record["excluded_validation_cases"] == split["val"]
+    assert record["source"]["trainer"] == MODEL_2D and record["source"]["configuration"] == "2d"
+    assert record["source"]["fold"] == 0 and record["target"]["data_identifier"] == DATA_IDENTIFIER
+    assert sorted(p.stem for p in folder.glob("*.b2nd")) == split["train"]  # validation cases excluded
+    assert f"validation cases excluded: {split['val'][0]}" in run.stdout
+
+    # Here 2d and 3d_fullres share their preprocessed geometry, so the pseudo-labels must be the 2D model's own
+    # prediction on the 3d_fullres preprocessed data: the round trip through the original geometry is exact.
+    monkeypatch.setenv("nnUNet_extTrainer", tiny_dataset.env["nnUNet_extTrainer"])  # to rebuild the 2D trainer
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(
+        str(results / dataset.name / f"{MODEL_2D}__{PLANS}__2d"), (0,))
+    case = split["train"][0]
+    data = blosc2.open(urlpath=str(dataset / DATA_IDENTIFIER / f"{case}.b2nd"), mode="r")[:]
+    probabilities = torch.softmax(predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float(), 0)
+    stored = blosc2.open(urlpath=str(folder / f"{case}.b2nd"), mode="r")[:]
+    assert np.array_equal(stored[0], probabilities.argmax(0).numpy())
+    expected_confidence = np.rint(probabilities.amax(0).numpy() * CONFIDENCE_SCALE)
+    assert np.abs(stored[1].astype(int) - expected_confidence).max() <= 1
+
+    trainer = "PseudoLabelWeightedTrainer_exttest"
+    cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", env=env)
+    fold = next(results.glob(f"Dataset007_*/{trainer}__{PLANS}__3d_fullres/fold_0"))
+    log = read_log(fold)
+    assert "'pseudo_label_weight': 0.5" in log and "'confidence_weighting': False" in log
+    assert f"pseudo-labels from {{'trainer': '{MODEL_2D}'" in log
+    assert log.count("loss_pseudo ") == 2 and "mean_pseudo_weight 0.5" in log  # one line per epoch, alpha = 0.5
+    assert (fold / "ssl_progress.png").is_file()
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["trainer_name"] == trainer and final["current_epoch"] == 2
+
+    out = tiny_dataset.root / "predictions_pseudo"
+    cli("nnUNetv2_predict", "-i", str(tiny_dataset.raw / "imagesTs"), "-o", str(out), "-d", ds, "-c", "3d_fullres",
+        "-f", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", "-npp", "0", "-nps", "0", env=tiny_dataset.env)
+    (prediction,) = out.glob("*.nii.gz")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
+    assert array.shape == TINY_SHAPE and set(np.unique(array)) <= {0, 1, 2}
+
+
+@pytest.fixture
+def in_process(tiny_dataset, monkeypatch, tmp_path):
+    """Build trainers in this process on the shared tiny dataset (results in tmp_path)."""
+    for key, value in train_env(tiny_dataset.env).items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+
+    def build(trainer_class, fold):
+        return build_trainer(trainer_class, tiny_dataset.dataset_id, PLANS, fold=fold, scratch=str(tmp_path))
+
+    return build
+
+
+# Confidence stored per dense class, so the confidence channel can be checked after augmentation too.
+CONFIDENCE_OF_CLASS = {0: 0.6, 1: 0.8, 2: 1.0}
+
+
+def write_dense_truth_pseudo_labels(tiny_dataset, fold: int) -> list[str]:
+    """Pseudo-labels of every case = its dense ground truth (labelsTr_dense), brought in by our geometry."""
+    dataset = dataset_folder(tiny_dataset.dataset_id)
+    plans = PlansManager(str(dataset / f"{PLANS}.json"))
+    configuration = plans.get_configuration("3d_fullres")
+    reader = plans.image_reader_writer_class()
+    cases = sorted(p.stem for p in (dataset / DATA_IDENTIFIER).glob("*.pkl"))
+    folder = pseudo_label_folder(dataset, DATA_IDENTIFIER, fold)
+    folder.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        dense, _ = reader.read_seg(str(tiny_dataset.raw / "labelsTr_dense" / f"{case}.nii.gz"))
+        probabilities = np.zeros((3, *dense.shape[1:]), np.float32)
+        for c, confidence in CONFIDENCE_OF_CLASS.items():
+            here = dense[0] == c
+            probabilities[:, here] = (1 - confidence) / 2
+            probabilities[c, here] = confidence
+        properties = load_pickle(str(dataset / DATA_IDENTIFIER / f"{case}.pkl"))
+        array = pseudo_label_array(to_preprocessed_geometry(probabilities, properties, plans, configuration))
+        save_pseudo_labels(array, folder, case, configuration.patch_size)
+    write_record(folder, {"source": {"dense ground truth": "labelsTr_dense"}, "fold": fold, "cases": cases,
+                          "validation_policy": "test"})
+    return cases
+
+
+def test_pseudo_labels_stay_aligned_with_the_labels_through_augmentation(tiny_dataset, in_process, monkeypatch):
+    write_dense_truth_pseudo_labels(tiny_dataset, fold=2)
+    spatially_transformed = []
+    stock_parameters = SpatialTransform.get_parameters
+
+    def spy(self, **data_dict):
+        parameters = stock_parameters(self, **data_dict)
+        spatially_transformed.append(parameters["grid"] is not None)  # rotated and/or scaled: interpolated
+        return parameters
+
+    monkeypatch.setattr(SpatialTransform, "get_parameters", spy)
+    trainer = in_process(PseudoLabelConfidenceTrainer, fold=2)
+    batches = draw_batches(trainer, 40)  # 80 patches
+    assert sum(spatially_transformed) >= 10  # p = 1 - 0.8 * 0.8 = 0.36 per patch
+
+    quantised = {c: round(v * CONFIDENCE_SCALE) for c, v in CONFIDENCE_OF_CLASS.items()}
+    annotated_total = unlabeled_total = 0
+    for batch in batches:
+        assert isinstance(batch["target"], list) and len(batch["target"]) > 1  # deep supervision scales
+        for target in batch["target"]:
+            assert target.shape[1] == 3
+            labels, pseudo, confidence = target[:, 0], target[:, 1], target[:, 2]
+            annotated = labels != IGNORE
+            # The dense truth arrives exactly where the labels are annotated (incl. padding, 0 in both).
+            assert torch.equal(pseudo[annotated], labels[annotated].to(pseudo.dtype))
+            # Confidence travels with its pseudo-label; padding (-1 -> 0) gives 0 in every channel.
+            expected = torch.tensor([quantised[c] for c in range(3)], dtype=confidence.dtype)[pseudo.long()]
+            padded = (confidence == 0) & (pseudo == 0) & (labels == 0)
+            assert torch.all((confidence == expected) | padded)
+            annotated_total += int(annotated.sum())
+            unlabeled_total += int((~annotated & (pseudo > 0)).sum())
+    assert annotated_total > 0 and unlabeled_total > 0  # both kinds of voxels were checked
+
+    # One step: the logged mean weight is the mean stored confidence on the unlabeled voxels of the batch.
+    batch = batches[0]
+    full = batch["target"][0]
+    unlabeled = full[:, 0] == IGNORE
+    expected_mean = (full[:, 2][unlabeled].float() / CONFIDENCE_SCALE).mean().item()
+    step = trainer.train_step(batch)
+    assert step["mean_pseudo_weight"] == pytest.approx(expected_mean, rel=1e-5)
+    assert step["pseudo_fraction"] == pytest.approx(unlabeled.float().mean().item())
+    assert np.isfinite(step["loss"]) and step["loss_pseudo"] != 0
+
+    # Validation batches keep nnU-Net's plain one-channel labels.
+    _, validation = trainer.get_dataloaders()
+    assert next(validation)["target"][0].shape[1] == 1
+
+
+def test_missing_pseudo_labels_stop_with_the_command_that_creates_them(in_process, tiny_dataset):
+    command = ("nnunet-ext pseudolabels -d Dataset007_SynthMicroscopy --from 2d -tr nnUNetTrainer "
+               "-p nnUNetPlans_tiny -f 3 --to 3d_fullres")
+    with pytest.raises(RuntimeError, match=f"no pseudo-labels for fold 3 .*create them with `{command}`"):
+        in_process(PseudoLabelWeightedTrainer, fold=3)
+
+    # A record without the case files (e.g. another split): stops when the training cases are loaded.
+    folder = pseudo_label_folder(dataset_folder(tiny_dataset.dataset_id), DATA_IDENTIFIER, 4)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_record(folder, {"source": {}, "fold": 4, "cases": [], "validation_policy": "test"})
+    trainer = in_process(PseudoLabelWeightedTrainer, fold=4)
+    with pytest.raises(RuntimeError, match="no pseudo-labels for 4 training cases of fold 4 .*-f 4 --to 3d_fullres`"):
+        trainer.get_tr_and_val_datasets()
+
+
+def test_pseudolabels_bad_input_is_one_error_line(tiny_dataset, monkeypatch, capsys):
+    result = cli("nnunet-ext", "pseudolabels", "-d", str(tiny_dataset.dataset_id), "-tr", "NoSuchTrainer", "-p", PLANS,
+                 "-f", "1", "-device", "cpu", env=tiny_dataset.env, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("nnunet-ext: error: no source model at ")
+    assert ("train it with `nnUNetv2_train Dataset007_SynthMicroscopy 2d 1 -tr NoSuchTrainer -p nnUNetPlans_tiny`"
+            in lines[0])
+    (dataset,) = (tiny_dataset.root / "nnUNet_preprocessed").glob("Dataset007_*")
+    assert not pseudo_label_folder(dataset, DATA_IDENTIFIER, 1).exists()
+
+    from nnunet_ext.cli import main
+
+    for key, value in tiny_dataset.env.items():
+        monkeypatch.setenv(key, value)
+    for args, fragment in [(["-f", "x"], "invalid fold 'x'"),
+                           (["--to", "3d_lowres"], "configuration '3d_lowres' is not in nnUNetPlans_tiny.json"),
+                           (["-p", "NoPlans"], "plans 'NoPlans' not found")]:
+        assert main(["pseudolabels", "-d", str(tiny_dataset.dataset_id), "-p", PLANS, *args]) == 2
+        assert fragment in capsys.readouterr().err

@@ -1,0 +1,141 @@
+"""2D -> 3D pseudo-label weighting (Castelli et al.): a 3D network trained on the sparse labels plus the labels a
+2D network inferred for the unannotated voxels,
+
+    L = L_s(annotated voxels) + alpha * L_p(ignore-label voxels against the pseudo-labels)
+
+L_s is nnU-Net's own loss; L_p is the same Dice + CE (same Dice module, weights and deep supervision) restricted to
+the ignore-label voxels. The pseudo-labels (``nnunet-ext pseudolabels``) are loaded as extra segmentation channels,
+so every spatial transform and the deep-supervision downsampling move them with the image and the labels.
+"""
+
+import torch
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+from nnunet_ext.pseudolabels import (PseudoLabelDataset, load_record, missing_cases, pseudo_label_folder,
+                                     pseudolabels_command)
+from nnunet_ext.semi_supervised import VoxelWeightedDiceCE, split_pseudo_label_target, unlabeled_mask
+from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer
+
+
+def nearest_segmentation_sampling(transforms):
+    """Make nnU-Net's spatial transform sample every segmentation channel nearest-neighbour.
+
+    Stock nnU-Net interpolates each segmentation channel label by label and takes the argmax. That would treat the
+    confidence channel as categories, and it can pick different classes in the label and the pseudo-label channel
+    at the same voxel (the ignore label competes in one, dense classes in the other). Nearest-neighbour reads all
+    channels from the same source voxel. ``transforms``: nnU-Net's ``ComposeTransforms``; changed in place.
+    """
+    spatial = [t for t in transforms.transforms if isinstance(t, SpatialTransform)]
+    if not spatial:
+        raise RuntimeError("no SpatialTransform in the training transforms: the pseudo-label trainers expect "
+                           "nnUNetTrainer.get_training_transforms")
+    for transform in spatial:
+        transform.mode_seg = "nearest"
+    return transforms
+
+
+class PseudoLabelWeightedTrainer(SemiSupervisedTrainer):
+    """3D training on sparse labels + alpha-weighted 2D pseudo-labels on the ignore-label voxels (alpha = 0.5)."""
+
+    pseudo_label_weight: float = 0.5  # alpha
+    # Multiply each voxel's weight by the source model's confidence in its pseudo-label (PseudoLabelConfidenceTrainer).
+    confidence_weighting: bool = False
+    # The configuration whose model creates the pseudo-labels: only used in the command printed when they are missing.
+    pseudo_label_source: str = "2d"
+    ssl_log_keys = ("loss_sup", "loss_pseudo", "pseudo_fraction", "mean_pseudo_weight")
+
+    def initialize(self):
+        if self.is_cascaded or self.label_manager.has_regions:
+            raise RuntimeError(f"{type(self).__name__} needs a configuration without previous stage and a dataset "
+                               f"without regions: pseudo-labels are one class per voxel in extra segmentation "
+                               f"channels; train 3d_fullres of a label-based dataset")
+        super().initialize()
+        record = load_record(self.pseudo_label_folder())
+        if record is None:
+            raise RuntimeError(f"{type(self).__name__}: no pseudo-labels for fold {self.fold} in "
+                               f"{self.pseudo_label_folder()}: create them with `{self.pseudo_label_fix()}`")
+        self.print_to_log_file(f"pseudo-labels from {record['source']} in {self.pseudo_label_folder()} "
+                               f"({record['validation_policy']})")
+        self.pseudo_label_loss = self._build_pseudo_label_loss()
+
+    def hyperparameters(self) -> dict:
+        return {**super().hyperparameters(), "pseudo_label_weight": self.pseudo_label_weight,
+                "confidence_weighting": self.confidence_weighting}
+
+    def pseudo_label_folder(self):
+        return pseudo_label_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier,
+                                   self.fold)
+
+    def pseudo_label_fix(self) -> str:
+        """The exact command that creates this trainer's pseudo-labels."""
+        return pseudolabels_command(self.plans_manager.dataset_name, self.plans_manager.plans_name, self.fold,
+                                    self.configuration_name, self.pseudo_label_source)
+
+    def _build_pseudo_label_loss(self):
+        """L_p from the pieces of the trainer's own loss: its Dice module, CE/Dice weights and deep supervision."""
+        loss, ds_weights = self.loss, None
+        if isinstance(loss, DeepSupervisionWrapper):
+            loss, ds_weights = loss.loss, loss.weight_factors
+        if not isinstance(loss, DC_and_CE_loss):
+            raise RuntimeError(f"{type(self).__name__} builds the pseudo-label loss from nnU-Net's DC_and_CE_loss, "
+                               f"got {type(loss).__name__}: keep nnUNetTrainer._build_loss")
+        pseudo = VoxelWeightedDiceCE(loss.dc, loss.weight_ce, loss.weight_dice)
+        return DeepSupervisionWrapper(pseudo, ds_weights) if ds_weights is not None else pseudo
+
+    # ---- data: pseudo-labels as segmentation channels 1 and 2 of the training cases
+    def get_tr_and_val_datasets(self):
+        train, val = super().get_tr_and_val_datasets()
+        missing = missing_cases(self.pseudo_label_folder(), train.identifiers)
+        if missing:
+            raise RuntimeError(f"{type(self).__name__}: no pseudo-labels for {len(missing)} training cases of fold "
+                               f"{self.fold} ({', '.join(missing[:3])}, ...) in {self.pseudo_label_folder()}: create "
+                               f"them with `{self.pseudo_label_fix()}`")
+        return PseudoLabelDataset(train, self.pseudo_label_folder(), self.pseudo_label_fix()), val
+
+    @staticmethod
+    def get_training_transforms(*args, **kwargs):
+        transforms = super(PseudoLabelWeightedTrainer, PseudoLabelWeightedTrainer).get_training_transforms(*args,
+                                                                                                          **kwargs)
+        return nearest_segmentation_sampling(transforms)
+
+    # ---- the step
+    def voxel_weights(self, unlabeled: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """(B, 1, *spatial) weight of each voxel in L_p: alpha (x confidence) on unlabeled voxels, 0 elsewhere."""
+        weight = confidence if self.confidence_weighting else torch.ones_like(confidence)
+        return self.pseudo_label_weight * weight * unlabeled
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        scales = [t.to(self.device, non_blocking=True) for t in (target if isinstance(target, list) else [target])]
+        labels, pseudo_labels, weights = [], [], []
+        for t in scales:
+            label, pseudo_label, confidence = split_pseudo_label_target(t)
+            labels.append(label)
+            pseudo_labels.append(pseudo_label)
+            weights.append(self.voxel_weights(unlabeled_mask(label, self.label_manager.ignore_label), confidence))
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            output = self.network(data)
+            if isinstance(target, list):
+                loss_sup = self.loss(output, labels)
+                loss_pseudo = self.pseudo_label_loss(output, pseudo_labels, weights)
+            else:
+                loss_sup = self.loss(output, labels[0])
+                loss_pseudo = self.pseudo_label_loss(output, pseudo_labels[0], weights[0])
+            loss = loss_sup + loss_pseudo
+        self.optimizer_step(loss)
+        selected = weights[0] > 0
+        return {"loss": loss.detach().cpu().numpy(), "loss_sup": loss_sup.item(), "loss_pseudo": loss_pseudo.item(),
+                "pseudo_fraction": selected.float().mean().item(),
+                "mean_pseudo_weight": (weights[0].sum() / selected.sum().clamp_min(1)).item()}
+
+
+class PseudoLabelConfidenceTrainer(PseudoLabelWeightedTrainer):
+    """The variant that weights each pseudo-labelled voxel by the 2D model's confidence instead of a constant."""
+
+    pseudo_label_weight: float = 1.0
+    confidence_weighting: bool = True
