@@ -81,11 +81,39 @@ class BenchmarkSettings:
                 raise UserError(f"invalid {name} {value}: give a positive number")
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise UserError(f"invalid --seeds {self.seeds}: give distinct non-negative integers, e.g. 0 1 2")
-        self.trainers = [REFERENCE] + [t for t in dict.fromkeys(self.trainers) if t != REFERENCE]
-        from nnunet_ext.speed import find_trainer_class
+        self.trainers = self._with_prerequisites([REFERENCE] + [t for t in dict.fromkeys(self.trainers)
+                                                                if t != REFERENCE])
 
-        for trainer in self.trainers:  # an unknown name fails here, not inside nnU-Net's trainer search
-            find_trainer_class(trainer, search_ext_folders=False)
+    def _with_prerequisites(self, arms: list[str]) -> list[str]:
+        """``arms`` checked, each pseudo-label trainer preceded by the stock arm of its source configuration."""
+        from nnunet_ext.speed import find_trainer_class
+        from nnunet_ext.trainers.pseudo_label import PseudoLabelWeightedTrainer
+
+        ordered = []
+        for arm in arms:
+            trainer, configuration = self.split_arm(arm)
+            if configuration == "" or "@" in configuration:
+                raise UserError(f"invalid trainer {arm!r}: write TRAINER or TRAINER@CONFIGURATION, e.g. "
+                                f"nnUNetTrainer@2d")
+            # An unknown name fails here, not inside nnU-Net's trainer search.
+            trainer_class = find_trainer_class(trainer, search_ext_folders=False)
+            if issubclass(trainer_class, PseudoLabelWeightedTrainer):
+                source = f"{REFERENCE}@{trainer_class.pseudo_label_source}"
+                if source not in ordered:
+                    ordered.append(source)
+            if arm not in ordered:
+                ordered.append(arm)
+        return ordered
+
+    def split_arm(self, arm: str) -> tuple[str, str]:
+        """``TRAINER@CONFIGURATION`` (or ``TRAINER``: the benchmark's configuration) -> (trainer, configuration)."""
+        trainer, _, configuration = arm.partition("@")
+        return trainer, (configuration if _ else self.configuration)
+
+    @property
+    def configurations(self) -> list[str]:
+        """Every configuration an arm trains, the benchmark's own first."""
+        return list(dict.fromkeys([self.configuration] + [self.split_arm(a)[1] for a in self.trainers]))
 
     @property
     def sparsity_levels(self) -> list[Sparsity]:
@@ -95,9 +123,9 @@ class BenchmarkSettings:
     def plans_identifier(self) -> str:
         return TINY_PLANS if self.plans == "tiny" else self.plans
 
-    def bench_name(self, trainer: str) -> str:
-        """The generated budget variant of ``trainer`` that the runs train."""
-        return f"{trainer}_bench{self.epochs}x{self.iterations}"
+    def bench_name(self, arm: str) -> str:
+        """The generated budget variant of an arm's trainer, which its runs train."""
+        return f"{self.split_arm(arm)[0]}_bench{self.epochs}x{self.iterations}"
 
 
 # --------------------------------------------------------------------------------------------- folder and state
@@ -164,7 +192,7 @@ class BenchmarkFolder:
                  "from nnunet_ext.speed import find_trainer_class",
                  "from nnunet_ext.trainers.budget import budget_variant", ""]
         val_iterations = max(1, math.ceil(s.iterations / 10))
-        for trainer in trainers:
+        for trainer in dict.fromkeys(s.split_arm(arm)[0] for arm in trainers):
             lines.append(f"{s.bench_name(trainer)} = budget_variant(find_trainer_class({trainer!r}, "
                          f"search_ext_folders=False), {s.bench_name(trainer)!r}, {s.epochs}, {s.iterations}, "
                          f"{val_iterations}, __name__)")
@@ -187,7 +215,15 @@ def prepare_dataset(folder: BenchmarkFolder, sparsity: Sparsity, seed: int) -> P
     dataset_id = folder.dataset_id(key)
     marker = folder.root / "prepared" / f"{key}.json"
     if marker.is_file():
-        return folder.raw / json.loads(marker.read_text())["dataset"]
+        prepared = json.loads(marker.read_text())
+        missing = [c for c in s.configurations if c not in prepared["configurations"]]
+        if missing:  # an arm of another configuration joined the benchmark
+            run_logged(f"preprocess {dataset_id}", [nnunet_command("nnUNetv2_preprocess"), "-d", str(dataset_id),
+                                                    "-c", *missing, "-np", *[_nproc(folder.env)] * len(missing)],
+                       folder.env, folder.root / "logs" / f"preprocess_{key}.log", leave=False)
+            prepared["configurations"] += missing
+            marker.write_text(json.dumps(prepared) + "\n")
+        return folder.raw / prepared["dataset"]
     dense = None
     if RECIPES[s.recipe].needs_data:
         dense_key = f"{s.recipe}_dense"
@@ -203,15 +239,16 @@ def prepare_dataset(folder: BenchmarkFolder, sparsity: Sparsity, seed: int) -> P
     logs = folder.root / "logs"
     nproc = _nproc(folder.env)
     run_logged(f"plan_and_preprocess {dataset_id}",
-               [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", s.configuration,
-                "-np", nproc, "-npfp", nproc, "--verify_dataset_integrity"],
+               [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", *s.configurations,
+                "-np", *[nproc] * len(s.configurations), "-npfp", nproc, "--verify_dataset_integrity"],
                folder.env, logs / f"plan_and_preprocess_{key}.log", leave=False)
     if s.plans == "tiny":
         run_logged(f"plans tiny {dataset_id}", [sys.executable, "-m", "nnunet_ext.cli", "plans", "tiny", "-d",
                                                 str(dataset_id)], folder.env, logs / f"plans_tiny_{key}.log",
                    leave=False)
     marker.parent.mkdir(exist_ok=True)
-    marker.write_text(json.dumps({"dataset": raw.name, "sparsity": sparsity.label, "seed": seed}) + "\n")
+    marker.write_text(json.dumps({"dataset": raw.name, "sparsity": sparsity.label, "seed": seed,
+                                  "configurations": s.configurations}) + "\n")
     return raw
 
 
@@ -236,39 +273,63 @@ def _existing_dataset(base: Path, dataset_id: int) -> Path | None:
     logs = folder.root / "logs"
     nproc = _nproc(folder.env)
     run_logged(f"plan_and_preprocess {dataset_id}",
-               [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", s.configuration,
-                "-np", nproc, "-npfp", nproc, "--verify_dataset_integrity"],
+               [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", *s.configurations,
+                "-np", *[nproc] * len(s.configurations), "-npfp", nproc, "--verify_dataset_integrity"],
                folder.env, logs / f"plan_and_preprocess_{key}.log", leave=False)
     if s.plans == "tiny":
         run_logged(f"plans tiny {dataset_id}", [sys.executable, "-m", "nnunet_ext.cli", "plans", "tiny", "-d",
                                                 str(dataset_id)], folder.env, logs / f"plans_tiny_{key}.log",
                    leave=False)
     marker.parent.mkdir(exist_ok=True)
-    marker.write_text(json.dumps({"dataset": raw.name, "sparsity": sparsity.label, "seed": seed}) + "\n")
+    marker.write_text(json.dumps({"dataset": raw.name, "sparsity": sparsity.label, "seed": seed,
+                                  "configurations": s.configurations}) + "\n")
     return raw
 
 
 # --------------------------------------------------------------------------------------------- one run
 
 
-def _fold_folder(folder: BenchmarkFolder, raw: Path, trainer: str) -> Path:
+def _fold_folder(folder: BenchmarkFolder, raw: Path, arm: str) -> Path:
     s = folder.settings
     return (folder.root / "nnUNet_results" / raw.name /
-            f"{s.bench_name(trainer)}__{s.plans_identifier}__{s.configuration}" / f"fold_{FOLD}")
+            f"{s.bench_name(arm)}__{s.plans_identifier}__{s.split_arm(arm)[1]}" / f"fold_{FOLD}")
+
+
+def _dataset_id(raw: Path) -> str:
+    return raw.name[len("Dataset"):len("Dataset") + 3]
+
+
+def ensure_pseudolabels(folder: BenchmarkFolder, raw: Path, arm: str, log: Path) -> None:
+    """Pseudo-labels for a pseudo-label arm, from the stock arm of its source configuration (trained before it)."""
+    from nnunet_ext.speed import find_trainer_class
+    from nnunet_ext.trainers.pseudo_label import PseudoLabelWeightedTrainer
+
+    s = folder.settings
+    trainer, configuration = s.split_arm(arm)
+    trainer_class = find_trainer_class(trainer, search_ext_folders=False)
+    if not issubclass(trainer_class, PseudoLabelWeightedTrainer):
+        return
+    source = f"{REFERENCE}@{trainer_class.pseudo_label_source}"
+    run_logged(f"pseudolabels {arm}", [sys.executable, "-m", "nnunet_ext.cli", "pseudolabels", "-d", _dataset_id(raw),
+                                       "--from", trainer_class.pseudo_label_source, "-tr", s.bench_name(source),
+                                       "-p", s.plans_identifier, "-f", FOLD, "--to", configuration,
+                                       "-device", s.device], folder.env, log, leave=False)
 
 
 def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, trainer: str) -> dict:
-    """Train, predict and score one trainer on one dataset; returns (and writes) the run's result."""
+    """Train, predict and score one arm (``trainer``) on one dataset; returns (and writes) the run's result."""
     s = folder.settings
     run = folder.run_folder(sparsity, seed, trainer)
     run.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    dataset_id = raw.name[len("Dataset"):len("Dataset") + 3]
-    name = s.bench_name(trainer)
+    dataset_id = _dataset_id(raw)
+    name, configuration = s.bench_name(trainer), s.split_arm(trainer)[1]
     fold = _fold_folder(folder, raw, trainer)
     if not (fold / "checkpoint_final.pth").is_file() or not (fold / "validation" / "summary.json").is_file():
         resume = ["--c"] if (fold / "checkpoint_latest.pth").is_file() else []
-        run_logged(f"train {trainer}", [nnunet_command("nnUNetv2_train"), dataset_id, s.configuration, FOLD,
+        if not resume:
+            ensure_pseudolabels(folder, raw, trainer, run / "pseudolabels.log")
+        run_logged(f"train {trainer}", [nnunet_command("nnUNetv2_train"), dataset_id, configuration, FOLD,
                                         "-tr", name, "-p", s.plans_identifier, "-device", s.device, *resume],
                    training_environment(folder.env), run / "train.log", progress=EPOCH_LINE, total=s.epochs,
                    leave=False)
@@ -276,7 +337,7 @@ def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, t
     shutil.rmtree(test_predictions, ignore_errors=True)
     cases = len(list((raw / "labelsTs").iterdir()))
     run_logged(f"predict {trainer}", [nnunet_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o",
-                                      str(test_predictions), "-d", dataset_id, "-c", s.configuration, "-f", FOLD,
+                                      str(test_predictions), "-d", dataset_id, "-c", configuration, "-f", FOLD,
                                       "-tr", name, "-p", s.plans_identifier, "-device", s.device,
                                       "-npp", "0", "-nps", "0"],
                folder.env, run / "predict.log", progress=PREDICT_LINE, total=cases, leave=False)
@@ -285,7 +346,8 @@ def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, t
                             topology=False)
     write_results(test, run / "evaluation_test")
     write_results(train, run / "evaluation_train")
-    result = {"trainer": trainer, "trained_as": name, "sparsity": sparsity.label, "seed": seed,
+    result = {"trainer": trainer, "trained_as": name, "configuration": configuration,
+              "sparsity": sparsity.label, "seed": seed,
               "dataset": raw.name, "epochs": s.epochs, "iterations": s.iterations, "plans": s.plans_identifier,
               "minutes": (time.time() - started) / 60,
               "test": {"aggregate": test["aggregate"],

@@ -72,6 +72,17 @@ def test_stock_comes_first_and_only_once():
     assert settings.sparsities == ["every:4", "every:8"]  # the synth recipe's levels
 
 
+def test_a_pseudo_label_trainer_brings_the_2d_arm_it_learns_from():
+    settings = BenchmarkSettings(trainers=["PseudoLabelWeightedTrainer", "MeanTeacherTrainer"])
+    assert settings.trainers == ["nnUNetTrainer", "nnUNetTrainer@2d", "PseudoLabelWeightedTrainer",
+                                 "MeanTeacherTrainer"]
+    assert settings.configurations == ["3d_fullres", "2d"]
+    assert settings.split_arm("nnUNetTrainer@2d") == ("nnUNetTrainer", "2d")
+    assert settings.bench_name("nnUNetTrainer@2d") == settings.bench_name("nnUNetTrainer") == "nnUNetTrainer_bench50x50"
+    with pytest.raises(UserError, match="TRAINER@CONFIGURATION"):
+        BenchmarkSettings(trainers=["nnUNetTrainer@"])
+
+
 def test_the_folder_refuses_other_settings_and_foreign_folders(tmp_path):
     BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(epochs=5))
     BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(epochs=5, seeds=[0, 1, 2, 3]))  # more seeds: resumable
@@ -173,29 +184,38 @@ def test_gala_recipe(tmp_path):
 
 @pytest.mark.integration
 def test_a_real_benchmark_through_nnunet(tmp_path, monkeypatch):
-    """Stock and MeanTeacherTrainer on one tiny synthetic sparsity level, through the real nnU-Net commands."""
+    """Castelli et al.'s three arms (2D, 3D stock, 3D + 2D pseudo-labels) on one tiny synthetic sparsity level,
+    through the real nnU-Net commands and `nnunet-ext pseudolabels`."""
     monkeypatch.setattr(benchmark, "write_sparse_dataset", _small_synth)
     monkeypatch.setenv("nnUNet_def_n_proc", "1")
     monkeypatch.setenv("nnUNet_compile", "false")
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA"):
         monkeypatch.delenv(variable, raising=False)
-    settings = BenchmarkSettings(trainers=["MeanTeacherTrainer"], sparsities=["every:4"], seeds=[0], epochs=1,
-                                 iterations=2)
+    settings = BenchmarkSettings(trainers=["PseudoLabelWeightedTrainer"], sparsities=["every:4"], seeds=[0],
+                                 epochs=1, iterations=2)
     out = tmp_path / "bench"
     summary = run_benchmark(out, settings)
-    assert summary["failures"] == [] and len(summary["rows"]) == 2
+    assert summary["failures"] == [] and len(summary["rows"]) == 3
     for row in summary["rows"]:
         for column in ("test_dice", "unannotated_dice", "annotated_dice"):
             assert 0.0 <= row[column] <= 1.0
-    run = out / "runs" / "every4" / "seed0" / "MeanTeacherTrainer"
+    run = out / "runs" / "every4" / "seed0" / "PseudoLabelWeightedTrainer"
     saved = json.loads((run / "result.json").read_text())
-    assert saved["trained_as"] == "MeanTeacherTrainer_bench1x2" and set(saved["test"]["cases"]) == {"small_test_000"}
+    assert saved["trained_as"] == "PseudoLabelWeightedTrainer_bench1x2" and saved["configuration"] == "3d_fullres"
+    assert set(saved["test"]["cases"]) == {"small_test_000"}
     assert set(saved["train"]["cases"]) == {f"small_{i:03d}" for i in range(4)}  # fold all validates every case
-    fold = next((out / "nnUNet_results").glob("Dataset100_*/MeanTeacherTrainer_bench1x2__nnUNetPlans_tiny__"
-                                              "3d_fullres/fold_all"))
+    results = out / "nnUNet_results"
+    fold = next(results.glob("Dataset100_*/PseudoLabelWeightedTrainer_bench1x2__nnUNetPlans_tiny__3d_fullres/fold_all"))
     assert (fold / "checkpoint_final.pth").is_file()
+    assert next(results.glob("Dataset100_*/nnUNetTrainer_bench1x2__nnUNetPlans_tiny__2d/fold_all/checkpoint_final.pth"))
+    record = json.loads(next((out / "nnUNet_preprocessed").glob(
+        "Dataset100_*/*_3d_fullres_pseudolabels/fold_all/pseudolabels.json")).read_text())
+    assert "nnUNetTrainer_bench1x2" in json.dumps(record["source"])
     assert (run / "test_predictions" / "small_test_000.nii.gz").is_file()
-    assert "| MeanTeacherTrainer | 1 |" in (out / "results.md").read_text()
+    two_d = json.loads((out / "runs" / "every4" / "seed0" / "nnUNetTrainer@2d" / "result.json").read_text())
+    assert two_d["configuration"] == "2d" and set(two_d["test"]["cases"]) == {"small_test_000"}
+    markdown = (out / "results.md").read_text()
+    assert "| nnUNetTrainer@2d | 1 |" in markdown and "| PseudoLabelWeightedTrainer | 1 |" in markdown
 
     modified = (run / "result.json").stat().st_mtime_ns
     run_benchmark(out, settings)  # everything finished: nothing is redone
