@@ -6,7 +6,7 @@ used with nnUNet_n_proc_DA=0, where nothing needs to pickle them.
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.trainers import MeanTeacherContinuityTrainer
+from nnunet_ext.trainers import CPSCutMixTrainer, CPSCutMixTrainer_ensemble, MeanTeacherContinuityTrainer
 from nnunet_ext.trainers.budget import TrainingBudgetMixin
 
 
@@ -21,4 +21,12 @@ class nnUNetTrainer_exttest(TestBudget, nnUNetTrainer):
 
 
 class MeanTeacherContinuityTrainer_exttest(TestBudget, MeanTeacherContinuityTrainer):
+    pass
+
+
+class CPSCutMixTrainer_exttest(TestBudget, CPSCutMixTrainer):
+    pass
+
+
+class CPSCutMixTrainer_ensemble_exttest(TestBudget, CPSCutMixTrainer_ensemble):
     pass
