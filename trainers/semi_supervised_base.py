@@ -30,6 +30,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     random_patch_fraction: float = 0.5
     # Per-epoch means of these train_step outputs are logged, printed and plotted to ssl_progress.png.
     ssl_log_keys: tuple[str, ...] = ()
+    # Keys a subclass logs itself in on_validation_epoch_end; registered and plotted with the ones above.
+    ssl_validation_log_keys: tuple[str, ...] = ()
     max_grad_norm: float = 12.0  # nnU-Net's value
 
     def initialize(self):
@@ -45,7 +47,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def _register_ssl_log_keys(self) -> None:
         # nnU-Net's local logger only accepts keys it knows; registered keys are checkpointed with the rest.
-        for key in self.ssl_log_keys:
+        for key in self.ssl_log_keys + self.ssl_validation_log_keys:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
     def hyperparameters(self) -> dict:
@@ -82,18 +84,26 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             optimizer.step()
 
     # ---- which network validation, prediction and checkpoints see
+    def training_networks(self) -> tuple[torch.nn.Module, ...]:
+        """Every network the optimizer(s) train, as wrapped for training (DDP / compile); ``self.network`` first."""
+        return (self.network,)
+
     def inference_network(self) -> torch.nn.Module:
         """The plain network that validation scores and ``checkpoint['network_weights']`` holds."""
         return unwrap(self.network)
 
     @contextmanager
-    def inference_network_in_place(self):
-        """Run nnU-Net code that reads ``self.network`` with the inference network instead."""
-        training_network, self.network = self.network, self.inference_network()
+    def network_in_place(self, network: torch.nn.Module):
+        """Run nnU-Net code that reads ``self.network`` with ``network`` instead."""
+        training_network, self.network = self.network, network
         try:
             yield
         finally:
             self.network = training_network
+
+    def inference_network_in_place(self):
+        """Run nnU-Net code that reads ``self.network`` with the inference network instead."""
+        return self.network_in_place(self.inference_network())
 
     def validation_step(self, batch: dict) -> dict:
         with self.inference_network_in_place():
@@ -105,15 +115,19 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def set_deep_supervision_enabled(self, enabled: bool):
         # Also reached while the inference network is in place, which is never DDP-wrapped.
-        for network in {id(n): n for n in (self.network, self.inference_network())}.values():
+        for network in {id(n): n for n in (*self.training_networks(), self.inference_network())}.values():
             unwrap(network).decoder.deep_supervision = enabled
 
     # ---- checkpoints: nnU-Net's keys, network_weights = inference network, plus extra state to resume exactly
     def extra_checkpoint_state(self) -> dict:
+        """Keys added to every checkpoint beside nnU-Net's."""
         return {}
 
     def load_network_states(self, checkpoint: dict) -> None:
         unwrap(self.network).load_state_dict(checkpoint["network_weights"])
+
+    def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
+        """Restore what ``extra_checkpoint_state`` added, beyond the networks (called last when loading)."""
 
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:
@@ -152,6 +166,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        self.load_extra_checkpoint_state(checkpoint)
 
     # ---- per-epoch logging of the loss components
     def on_train_epoch_end(self, train_outputs: list[dict]):
@@ -169,14 +184,18 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             values[key] = mean
             self.logger.log(key, mean, self.current_epoch)
         self.print_to_log_file(", ".join(f"{k} {v:.4g}" for k, v in values.items()))
-        if self.local_rank == 0:
+
+    def on_epoch_end(self):
+        # After validation, so that the validation keys of this epoch are plotted too.
+        if self.local_rank == 0 and self.ssl_log_keys + self.ssl_validation_log_keys:
             self.plot_ssl_progress()
+        super().on_epoch_end()
 
     def plot_ssl_progress(self) -> None:
         """ssl_progress.png beside nnU-Net's progress.png: one panel per logged SSL quantity."""
-        fig, axes = plt.subplots(len(self.ssl_log_keys), 1, figsize=(8, 2.2 * len(self.ssl_log_keys)), sharex=True,
-                                 squeeze=False)
-        for ax, key in zip(axes[:, 0], self.ssl_log_keys):
+        keys = self.ssl_log_keys + self.ssl_validation_log_keys
+        fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.2 * len(keys)), sharex=True, squeeze=False)
+        for ax, key in zip(axes[:, 0], keys):
             ax.plot(self.logger.get_value(key, step=None), color="b")
             ax.set_ylabel(key)
         axes[-1, 0].set_xlabel("epoch")

@@ -6,7 +6,8 @@ used with nnUNet_n_proc_DA=0, where nothing needs to pickle them.
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.trainers import MeanTeacherContinuityTrainer, PseudoLabelWeightedTrainer
+from nnunet_ext.trainers import (CPSCutMixTrainer, CPSCutMixTrainer_ensemble, MeanTeacherContinuityTrainer,
+                                 PseudoLabelWeightedTrainer)
 from nnunet_ext.trainers.budget import TrainingBudgetMixin
 
 
@@ -34,3 +35,11 @@ class nnUNetTrainer_exttest_noval(nnUNetTrainer_exttest):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("final validation skipped (test trainer)")
+
+
+class CPSCutMixTrainer_exttest(TestBudget, CPSCutMixTrainer):
+    pass
+
+
+class CPSCutMixTrainer_ensemble_exttest(TestBudget, CPSCutMixTrainer_ensemble):
+    pass
