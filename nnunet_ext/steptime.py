@@ -1,11 +1,19 @@
-"""Per-iteration training time of nnU-Net trainers, measured side by side in one process.
+"""Per-iteration training time and peak memory of nnU-Net trainers, measured side by side.
 
 Data loading is excluded: batches are drawn once from a trainer's own data loader and then replayed, and
 the trainers' steps are interleaved so that machine noise hits them alike. Report ratios, not seconds.
+
+Peak memory of a step: CUDA ``max_memory_allocated`` on a GPU; on CPU (Linux) the peak resident set size
+during the step above the resident size before it. Measure each trainer in a fresh process
+(:func:`run_fresh_process`) whose allocator returns large blocks to the system at once
+(``MALLOC_MMAP_THRESHOLD_``), so that the resident size follows live memory.
 """
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -44,9 +52,15 @@ def build_trainer(trainer_class, dataset: str | int, plans: str, configuration: 
 
 
 def draw_batches(trainer, count: int) -> list[dict]:
-    """``count`` augmented training batches from the trainer's own data loader."""
-    loader, _ = trainer.get_dataloaders()
-    return [next(loader) for _ in range(count)]
+    """``count`` augmented training batches from the trainer's own data loader, whose background workers are
+    stopped afterwards (they would keep filling their queues while steps are timed)."""
+    loaders = trainer.get_dataloaders()
+    try:
+        return [next(loaders[0]) for _ in range(count)]
+    finally:
+        for loader in loaders:
+            if hasattr(loader, "_finish"):
+                loader._finish()
 
 
 def median_step_seconds(runs: dict[str, tuple], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -70,3 +84,45 @@ def median_step_seconds(runs: dict[str, tuple], repeats: int = 5, warmup: int = 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# glibc: serve blocks >= 64 KiB by mmap, so freed tensors leave the resident set at once
+FRESH_PROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_fresh_process(argv: list[str]):
+    """Runs ``python *argv`` in a fresh process (allocator set up for CPU memory measurements) and returns the
+    JSON value on the last line of its standard output."""
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True,
+                         env={**os.environ, **FRESH_PROCESS_ENV}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def step_peak_bytes(trainer, batch: dict) -> int:
+    """Peak memory one ``train_step`` adds above what is live before it."""
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+        before = torch.cuda.memory_allocated(trainer.device)
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+        trainer.train_step(batch)
+        torch.cuda.synchronize(trainer.device)
+        return torch.cuda.max_memory_allocated(trainer.device) - before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size (VmHWM) to the current one
+    before = _status_bytes("VmRSS")
+    trainer.train_step(batch)
+    return _status_bytes("VmHWM") - before
+
+
+def max_step_peak_bytes(trainer, batches: list[dict], steps: int = 4) -> int:
+    """Largest :func:`step_peak_bytes` over ``steps`` steps (batches cycled), after one unmeasured step:
+    first-step allocations (optimizer state) are not the step's working memory."""
+    trainer.network.train()
+    trainer.train_step(batches[0])
+    return max(step_peak_bytes(trainer, batches[i % len(batches)]) for i in range(steps))
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
