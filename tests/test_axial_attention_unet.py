@@ -96,6 +96,17 @@ def test_stock_weights_give_the_stock_output(dim, residual):
             assert torch.equal(ours, theirs)
 
 
+def test_mixed_precision_forward_and_backward():
+    """Under autocast (bfloat16 on CPU here, float16 with nnU-Net's AMP on CUDA) the attention's logit bias
+    follows the queries' dtype."""
+    net = attention_net(3, attention_gates=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = net(torch.randn(2, 2, *PATCH[3]))
+        assert {o.dtype for o in outputs} == {torch.bfloat16}
+    sum(o.float().mean() for o in outputs).backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
 def test_memory_estimate_adds_the_attention_blocks_and_gates():
     kwargs = unet_kwargs(2)
     stock = PlainConvUNet(input_channels=1, num_classes=3, deep_supervision=True, **kwargs)
