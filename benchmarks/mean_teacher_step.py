@@ -13,18 +13,43 @@ Usage (after nnUNetv2_plan_and_preprocess and `nnunet-ext plans tiny`; nnUNet_pr
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.semi_supervised import axial_continuity_loss, unlabeled_mask
-from nnunet_ext.steptime import build_trainer, draw_batches, max_step_peak_bytes, median_step_seconds, run_fresh_process
+from nnunet_ext.steptime import build_trainer, draw_batches, median_step_seconds
 from nnunet_ext.trainers import MeanTeacherContinuityTrainer
 from nnunet_ext.trainers.semi_supervised_base import first_output
 
 TRAINERS = {"nnUNetTrainer": nnUNetTrainer, "MeanTeacherContinuityTrainer": MeanTeacherContinuityTrainer}
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _step_peak_bytes(trainer, batch) -> int:
+    """Peak memory one train_step adds above what is live before it."""
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        trainer.train_step(batch)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size (VmHWM) to the current one
+    before = _status_bytes("VmRSS")
+    trainer.train_step(batch)
+    return _status_bytes("VmHWM") - before
 
 
 def peak_memory_of_steps(args, name: str) -> float:
@@ -32,7 +57,10 @@ def peak_memory_of_steps(args, name: str) -> float:
     trainer = build_trainer(TRAINERS[name], args.dataset, args.plans, args.configuration, device=args.device)
     trainer.current_epoch = trainer.num_epochs // 2  # SSL losses at full weight
     torch.manual_seed(0)
-    return float(max_step_peak_bytes(trainer, draw_batches(trainer, 2)))
+    batches = draw_batches(trainer, 2)
+    trainer.network.train()
+    trainer.train_step(batches[0])  # first-step allocations (optimizer state) are not the step's working memory
+    return float(max(_step_peak_bytes(trainer, batches[i % 2]) for i in range(4)))
 
 
 def continuity_seconds(trainer, batch, repeats: int) -> float:
@@ -78,8 +106,11 @@ def main() -> None:
 
     memory = {}
     for name in TRAINERS:
-        memory[name] = run_fresh_process([__file__, "-d", str(args.dataset), "-p", args.plans, "-c",
-                                          args.configuration, "--device", args.device, "--memory-of", name])
+        out = subprocess.run([sys.executable, __file__, "-d", str(args.dataset), "-p", args.plans, "-c",
+                              args.configuration, "--device", args.device, "--memory-of", name],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}).stdout
+        memory[name] = json.loads(out.strip().splitlines()[-1])
 
     print(f"plans {args.plans} / {args.configuration}, patch {mt.configuration_manager.patch_size}, "
           f"batch {mt.batch_size}, device {args.device}, {args.repeats} interleaved repeats")

@@ -1,12 +1,11 @@
-"""Per-iteration training time and peak memory of nnU-Net trainers, measured side by side.
+"""Per-iteration training time and step peak memory of nnU-Net trainers, measured side by side.
 
 Data loading is excluded: batches are drawn once from a trainer's own data loader and then replayed, and
 the trainers' steps are interleaved so that machine noise hits them alike. Report ratios, not seconds.
 
-Peak memory of a step: CUDA ``max_memory_allocated`` on a GPU; on CPU (Linux) the peak resident set size
-during the step above the resident size before it. Measure each trainer in a fresh process
-(:func:`run_fresh_process`) whose allocator returns large blocks to the system at once
-(``MALLOC_MMAP_THRESHOLD_``), so that the resident size follows live memory.
+Peak memory of a step: CUDA ``max_memory_allocated`` on a GPU; on CPU (Linux) the peak resident set size during
+the step above the resident size before it. For the CPU figure to follow live memory, measure each trainer in a
+fresh process whose allocator returns large blocks to the system at once (``CPU_MEMORY_ENV``).
 """
 
 import json
@@ -81,25 +80,18 @@ def median_step_seconds(runs: dict[str, tuple], repeats: int = 5, warmup: int = 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# glibc malloc: blocks from 64 KiB on are mmap'd and unmapped on free, so RSS tracks what is alive.
+CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-# glibc: serve blocks >= 64 KiB by mmap, so freed tensors leave the resident set at once
-FRESH_PROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def run_fresh_process(argv: list[str]):
-    """Runs ``python *argv`` in a fresh process (allocator set up for CPU memory measurements) and returns the
-    JSON value on the last line of its standard output."""
-    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True,
-                         env={**os.environ, **FRESH_PROCESS_ENV}).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def step_peak_bytes(trainer, batch: dict) -> int:
-    """Peak memory one ``train_step`` adds above what is live before it."""
+    """Peak memory one ``train_step`` adds above what is live before it (see the module docstring)."""
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
         before = torch.cuda.memory_allocated(trainer.device)
@@ -115,14 +107,21 @@ def step_peak_bytes(trainer, batch: dict) -> int:
 
 
 def max_step_peak_bytes(trainer, batches: list[dict], steps: int = 4) -> int:
-    """Largest :func:`step_peak_bytes` over ``steps`` steps (batches cycled), after one unmeasured step:
-    first-step allocations (optimizer state) are not the step's working memory."""
+    """Largest :func:`step_peak_bytes` over ``steps`` steps, after one step whose first-time allocations
+    (optimizer state) are not the step's working memory."""
     trainer.network.train()
     trainer.train_step(batches[0])
     return max(step_peak_bytes(trainer, batches[i % len(batches)]) for i in range(steps))
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_fresh_process(argv: list[str]):
+    """Runs ``python *argv`` in a fresh process with ``CPU_MEMORY_ENV`` and returns the JSON value on the last
+    line of its standard output (for the step peak memory of one trainer)."""
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True,
+                         env={**os.environ, **CPU_MEMORY_ENV}).stdout
+    return json.loads(out.strip().splitlines()[-1])
