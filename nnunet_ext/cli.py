@@ -1,6 +1,7 @@
 """``nnunet-ext``: one thin command over the library; every subcommand maps to one function."""
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -36,6 +37,22 @@ def _plans_tiny(args) -> None:
 
     path = derive_tiny_plans(args.dataset, source=args.plans, target=args.name)
     print(f"wrote {path}\ntrain with: nnUNetv2_train {args.dataset} 3d_fullres FOLD -p {path.stem} -device cpu")
+
+
+def _plans_attention(args) -> None:
+    from nnunet_ext.plans import attention_feature_maps, derive_attention_plans, resolve_configuration
+
+    path = derive_attention_plans(args.dataset, source=args.plans, target=args.name, stages=args.stages,
+                                  heads=args.heads, gates=args.gates)
+    plans = json.loads(path.read_text())
+    print(f"wrote {path}")
+    for name in plans["configurations"]:
+        configuration = resolve_configuration(plans, name)
+        maps = ", ".join(f"{channels} x {'x'.join(map(str, size))}"
+                         for channels, size in attention_feature_maps(configuration, args.stages))
+        print(f"  {name}: axial attention ({args.heads} heads) on {maps or 'no stage'}"
+              f"{'; attention gates on every skip' if args.gates else ''}")
+    print(f"train with: nnUNetv2_train {args.dataset} CONFIGURATION FOLD -p {path.stem} [-tr TRAINER]")
 
 
 def _demo(args) -> None:
@@ -93,6 +110,17 @@ def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
     tiny.add_argument("-p", "--plans", default="nnUNetPlans", help="source plans identifier")
     tiny.add_argument("-o", "--name", default="nnUNetPlans_tiny", help="name of the new plans variant")
     tiny.set_defaults(func=_plans_tiny)
+    attention = variants.add_parser("attention", help="axial attention in the deepest decoder stages (optionally "
+                                    "attention gates on the skips), same preprocessed data")
+    attention.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    attention.add_argument("-p", "--plans", default="nnUNetPlans", help="source plans identifier (nnUNetPlans, "
+                           "a ResEnc preset, or a variant of them such as nnUNetPlans_tiny)")
+    attention.add_argument("-o", "--name", help="name of the new plans variant (default: <source>_axialattn)")
+    attention.add_argument("--stages", type=int, default=2,
+                           help="decoder stages with axial attention, counted from the deepest (default 2)")
+    attention.add_argument("--heads", type=int, default=4, help="attention heads per block (default 4)")
+    attention.add_argument("--gates", action="store_true", help="add attention gates on the skip connections")
+    attention.set_defaults(func=_plans_attention)
 
     if with_conversion:
         _add_conversion_commands(commands)

@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 from copy import deepcopy
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +26,13 @@ TINY_FEATURES = (8, 16, 32)
 TINY_BATCH_SIZE = 2
 # Largest patch edge per dimensionality: small enough for sub-second CPU iterations, large enough for 3 stages.
 TINY_PATCH_EDGE = {2: 64, 3: 32}
+
+ATTENTION_SUFFIX = "_axialattn"
+# Stock U-Net class (last component of its dotted name, as nnU-Net's own fallback lookup) -> attention variant
+ATTENTION_NETWORKS = {
+    "PlainConvUNet": "nnunet_ext.architectures.axial_attention_unet.AxialAttentionPlainConvUNet",
+    "ResidualEncoderUNet": "nnunet_ext.architectures.axial_attention_unet.AxialAttentionResEncUNet",
+}
 
 
 def resolve_configuration(plans: dict, name: str) -> dict:
@@ -108,3 +116,54 @@ def tiny_configuration(name: str, configuration: dict) -> dict:
 def derive_tiny_plans(dataset: str | int, source: str = "nnUNetPlans", target: str = TINY_PLANS) -> Path:
     """``nnunet-ext plans tiny``: a CPU-sized variant of ``source`` on the same preprocessed data."""
     return derive_plans(dataset, source, target, tiny_configuration)
+
+
+def attention_configuration(name: str, configuration: dict, stages: int = 2, heads: int = 4,
+                            gates: bool = False) -> dict:
+    """Edit of one configuration: the same U-Net with axial attention in its ``stages`` deepest decoder stages.
+
+    Every plans kwarg is kept; the network class becomes its attention variant (plain-conv or residual
+    encoder) and ``attention_stages``, ``attention_heads``, ``attention_gates`` are added.
+    """
+    architecture = deepcopy(configuration["architecture"])
+    source_class = architecture["network_class_name"]
+    target_class = ATTENTION_NETWORKS.get(source_class.rsplit(".", 1)[-1])
+    if target_class is None:
+        raise UserError(f"configuration {name!r} uses {source_class}: `plans attention` extends PlainConvUNet "
+                        f"and ResidualEncoderUNet plans (nnUNetPlans, the ResEnc presets); pass -p with one of those")
+    kwargs = architecture["arch_kwargs"]
+    decoder_stages = kwargs["n_stages"] - 1
+    if not 0 <= stages <= decoder_stages:
+        raise UserError(f"--stages {stages}: configuration {name!r} has {decoder_stages} decoder stages, "
+                        f"choose 0..{decoder_stages}")
+    channels = [channels for channels, _ in attention_feature_maps(configuration, stages)]
+    if heads < 1 or any(c % (2 * heads) for c in channels):
+        raise UserError(f"--heads {heads}: twice the heads must divide the channels of the attention stages of "
+                        f"configuration {name!r} ({', '.join(map(str, channels))}), since queries and keys "
+                        f"have half of them: choose fewer heads, e.g. 4")
+    architecture["network_class_name"] = target_class
+    kwargs.update(attention_stages=stages, attention_heads=heads, attention_gates=gates)
+    return {"architecture": architecture}
+
+
+def attention_feature_maps(configuration: dict, stages: int) -> list[tuple[int, list[int]]]:
+    """(channels, feature-map size) of the ``stages`` deepest decoder stages of a configuration's U-Net for its
+    patch size, deepest first: where axial attention goes and what its cost grows with."""
+    kwargs = configuration["architecture"]["arch_kwargs"]
+    n_stages, features = kwargs["n_stages"], kwargs["features_per_stage"]
+    features = [features] * n_stages if isinstance(features, int) else features
+    strides = np.array([[s] * len(configuration["patch_size"]) if isinstance(s, int) else s
+                        for s in kwargs["strides"]], dtype=int)
+    maps = []
+    for s in range(stages):
+        level = n_stages - 2 - s  # the encoder stage whose skip this decoder stage merges
+        size = np.array(configuration["patch_size"]) // np.prod(strides[:level + 1], axis=0)
+        maps.append((int(features[level]), [int(v) for v in size]))
+    return maps
+
+
+def derive_attention_plans(dataset: str | int, source: str = "nnUNetPlans", target: str | None = None,
+                           stages: int = 2, heads: int = 4, gates: bool = False) -> Path:
+    """``nnunet-ext plans attention``: ``source`` with axial attention (``<source>_axialattn`` by default)."""
+    edit = partial(attention_configuration, stages=stages, heads=heads, gates=gates)
+    return derive_plans(dataset, source, target or source + ATTENTION_SUFFIX, edit)

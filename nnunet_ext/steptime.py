@@ -8,8 +8,11 @@ the step above the resident size before it. For the CPU figure to follow live me
 fresh process whose allocator returns large blocks to the system at once (``CPU_MEMORY_ENV``).
 """
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -48,9 +51,15 @@ def build_trainer(trainer_class, dataset: str | int, plans: str, configuration: 
 
 
 def draw_batches(trainer, count: int) -> list[dict]:
-    """``count`` augmented training batches from the trainer's own data loader."""
-    loader, _ = trainer.get_dataloaders()
-    return [next(loader) for _ in range(count)]
+    """``count`` augmented training batches from the trainer's own data loader, whose background workers are
+    stopped afterwards (they would keep filling their queues while steps are timed)."""
+    loaders = trainer.get_dataloaders()
+    try:
+        return [next(loaders[0]) for _ in range(count)]
+    finally:
+        for loader in loaders:
+            if hasattr(loader, "_finish"):
+                loader._finish()
 
 
 def median_step_seconds(runs: dict[str, tuple], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -108,3 +117,11 @@ def max_step_peak_bytes(trainer, batches: list[dict], steps: int = 4) -> int:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def run_fresh_process(argv: list[str]):
+    """Runs ``python *argv`` in a fresh process with ``CPU_MEMORY_ENV`` and returns the JSON value on the last
+    line of its standard output (for the step peak memory of one trainer)."""
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True,
+                         env={**os.environ, **CPU_MEMORY_ENV}).stdout
+    return json.loads(out.strip().splitlines()[-1])

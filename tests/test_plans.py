@@ -8,7 +8,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.plans import derive_plans, derive_tiny_plans, resolve_configuration
+from nnunet_ext.plans import (attention_feature_maps, derive_attention_plans, derive_plans, derive_tiny_plans,
+                              resolve_configuration)
 
 
 def architecture(dim: int, strides: list, features: list) -> dict:
@@ -122,3 +123,67 @@ def test_unset_preprocessed_folder_is_reported(monkeypatch):
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     with pytest.raises(UserError, match="nnUNet_preprocessed is not set"):
         derive_tiny_plans(42)
+
+
+ATTENTION_UNET = "nnunet_ext.architectures.axial_attention_unet.AxialAttentionPlainConvUNet"
+
+
+def test_attention_variant_swaps_the_class_and_adds_the_kwargs(preprocessed):
+    path = derive_attention_plans(42)
+    assert path == preprocessed / "nnUNetPlans_axialattn.json"
+    variant = json.loads(path.read_text())
+    assert variant["plans_name"] == "nnUNetPlans_axialattn"
+    for name in ("2d", "3d_fullres", "3d_lowres"):
+        stock = resolve_configuration(stock_plans(), name)
+        config = resolve_configuration(variant, name)
+        assert config["architecture"]["network_class_name"] == ATTENTION_UNET
+        kwargs = dict(config["architecture"]["arch_kwargs"])
+        assert [kwargs.pop(k) for k in ("attention_stages", "attention_heads", "attention_gates")] == [2, 4, False]
+        assert kwargs == stock["architecture"]["arch_kwargs"]
+        assert config["data_identifier"] == stock["data_identifier"]
+        assert config["patch_size"] == stock["patch_size"]
+    assert json.loads((preprocessed / "nnUNetPlans.json").read_text()) == stock_plans()
+
+
+def test_attention_variant_on_top_of_tiny_plans(preprocessed):
+    derive_tiny_plans(42)
+    path = derive_attention_plans(42, "nnUNetPlans_tiny", stages=1, heads=2, gates=True)
+    assert path.name == "nnUNetPlans_tiny_axialattn.json"
+    config = json.loads(path.read_text())["configurations"]["3d_fullres"]
+    kwargs = config["architecture"]["arch_kwargs"]
+    assert (kwargs["n_stages"], kwargs["attention_stages"], kwargs["attention_heads"], kwargs["attention_gates"]) == (
+        3, 1, 2, True)
+    # Tiny 3d_fullres: patch (20, 32, 32), strides (1,1,1), (1,2,2): the deepest decoder stage at (20, 16, 16).
+    assert attention_feature_maps(config, 1) == [(16, [20, 16, 16])]
+
+
+def test_attention_feature_maps_of_the_deepest_decoder_stages():
+    config = stock_plans()["configurations"]["3d_fullres"]
+    # Patch (20, 160, 160); the decoder's deepest stage merges encoder stage 3, whose strides multiply to
+    # (1·1·2·2, 1·2·2·2, 1·2·2·2) = (4, 8, 8): (5, 20, 20); the next one stage 2, (2, 4, 4): (10, 40, 40).
+    assert attention_feature_maps(config, 2) == [(256, [5, 20, 20]), (128, [10, 40, 40])]
+    assert attention_feature_maps(config, 0) == []
+
+
+def other_network_plans() -> dict:
+    plans = stock_plans()
+    plans["configurations"]["2d"]["architecture"]["network_class_name"] = "dynamic_network_architectures." \
+        "architectures.primus.Primus"
+    return plans
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"stages": 4}, "--stages 4: configuration '2d' has 3 decoder stages, choose 0..3"),
+    ({"stages": -1}, "--stages -1"),
+    ({"heads": 3}, r"--heads 3: twice the heads must divide the channels of the attention stages of configuration "
+                   r"'2d' \(128, 64\)"),
+    ({"heads": 0}, "--heads 0"),
+    ({"plans": other_network_plans()}, "configuration '2d' uses dynamic_network_architectures.architectures.primus"
+                                       ".Primus: `plans attention` extends PlainConvUNet and ResidualEncoderUNet"),
+])
+def test_bad_attention_options_name_the_fix_and_write_nothing(preprocessed, options, message):
+    if "plans" in options:
+        (preprocessed / "nnUNetPlans.json").write_text(json.dumps(options.pop("plans")))
+    with pytest.raises(UserError, match=message):
+        derive_attention_plans(42, **options)
+    assert sorted(p.name for p in preprocessed.iterdir()) == ["nnUNetPlans.json"]
