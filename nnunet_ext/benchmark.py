@@ -260,30 +260,6 @@ def _name(key: str) -> str:
 def _existing_dataset(base: Path, dataset_id: int) -> Path | None:
     found = sorted(base.glob(f"Dataset{dataset_id:03d}_*")) if base.is_dir() else []
     return found[0] if found else None
-    dense = None
-    if RECIPES[s.recipe].needs_data:
-        dense_id = folder.dataset_id(f"{s.recipe}_dense")
-        dense = folder.raw / f"Dataset{dense_id:03d}_{s.recipe.title().replace('_', '')}Dense"
-        if not dense.is_dir():
-            write_dense(s.recipe, Path(s.data), folder.raw, dense_id, dense.name.split("_", 1)[1])
-    for stale in (raw, folder.root / "nnUNet_preprocessed" / raw.name):  # from an interrupted preparation
-        shutil.rmtree(stale, ignore_errors=True)
-    tqdm.write(f"dataset {raw.name}: {sparsity.description}" + (f", seed {seed}" if per_seed else ""))
-    write_sparse_dataset(s.recipe, folder.raw, dataset_id, name, sparsity, seed, dense)
-    logs = folder.root / "logs"
-    nproc = _nproc(folder.env)
-    run_logged(f"plan_and_preprocess {dataset_id}",
-               [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", *s.configurations,
-                "-np", *[nproc] * len(s.configurations), "-npfp", nproc, "--verify_dataset_integrity"],
-               folder.env, logs / f"plan_and_preprocess_{key}.log", leave=False)
-    if s.plans == "tiny":
-        run_logged(f"plans tiny {dataset_id}", [sys.executable, "-m", "nnunet_ext.cli", "plans", "tiny", "-d",
-                                                str(dataset_id)], folder.env, logs / f"plans_tiny_{key}.log",
-                   leave=False)
-    marker.parent.mkdir(exist_ok=True)
-    marker.write_text(json.dumps({"dataset": raw.name, "sparsity": sparsity.label, "seed": seed,
-                                  "configurations": s.configurations}) + "\n")
-    return raw
 
 
 # --------------------------------------------------------------------------------------------- one run
