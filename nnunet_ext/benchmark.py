@@ -45,8 +45,9 @@ SETTINGS_FILE = "benchmark.json"
 TRAINER_MODULE = "nnunet_ext_benchmark_trainers"
 FOLD = "all"
 FIRST_DATASET_ID = 100
-# The short CPU budget needs the short-budget EMA decay (see MeanTeacherTrainer_ema99).
-DEFAULT_TRAINERS = ("MeanTeacherTrainer_ema99", "MeanTeacherContinuityTrainer_ema99")
+# The flagship, with the EMA decay of short budgets (MeanTeacherTrainer_ema99); with stock, the default fits an hour
+# of a 2-core CPU on the synth recipe.
+DEFAULT_TRAINERS = ("MeanTeacherContinuityTrainer_ema99",)
 # Settings a resumed benchmark must share with the runs already in its folder.
 FIXED_SETTINGS = ("recipe", "data", "epochs", "iterations", "plans", "configuration", "device")
 
@@ -184,6 +185,10 @@ class BenchmarkFolder:
     def run_folder(self, sparsity: Sparsity, seed: int, trainer: str) -> Path:
         return self.root / "runs" / sparsity.label / f"seed{seed}" / trainer
 
+    def seed_environment(self, seed: int) -> dict:
+        """The environment of one seed's runs: its own nnUNet_results, since seeds may share a dataset."""
+        return dict(self.env, nnUNet_results=str(self.root / "nnUNet_results" / f"seed{seed}"))
+
     def write_trainer_module(self, trainers: list[str]) -> None:
         """The budget variants nnU-Net finds through ``nnUNet_extTrainer`` (this folder comes first)."""
         s = self.settings
@@ -265,9 +270,9 @@ def _existing_dataset(base: Path, dataset_id: int) -> Path | None:
 # --------------------------------------------------------------------------------------------- one run
 
 
-def _fold_folder(folder: BenchmarkFolder, raw: Path, arm: str) -> Path:
+def _fold_folder(folder: BenchmarkFolder, raw: Path, arm: str, seed: int) -> Path:
     s = folder.settings
-    return (folder.root / "nnUNet_results" / raw.name /
+    return (Path(folder.seed_environment(seed)["nnUNet_results"]) / raw.name /
             f"{s.bench_name(arm)}__{s.plans_identifier}__{s.split_arm(arm)[1]}" / f"fold_{FOLD}")
 
 
@@ -275,7 +280,7 @@ def _dataset_id(raw: Path) -> str:
     return raw.name[len("Dataset"):len("Dataset") + 3]
 
 
-def ensure_pseudolabels(folder: BenchmarkFolder, raw: Path, arm: str, log: Path) -> None:
+def ensure_pseudolabels(folder: BenchmarkFolder, raw: Path, arm: str, seed: int, log: Path) -> None:
     """Pseudo-labels for a pseudo-label arm, from the stock arm of its source configuration (trained before it)."""
     from nnunet_ext.speed import find_trainer_class
     from nnunet_ext.trainers.pseudo_label import PseudoLabelWeightedTrainer
@@ -289,7 +294,7 @@ def ensure_pseudolabels(folder: BenchmarkFolder, raw: Path, arm: str, log: Path)
     run_logged(f"pseudolabels {arm}", [sys.executable, "-m", "nnunet_ext.cli", "pseudolabels", "-d", _dataset_id(raw),
                                        "--from", trainer_class.pseudo_label_source, "-tr", s.bench_name(source),
                                        "-p", s.plans_identifier, "-f", FOLD, "--to", configuration,
-                                       "-device", s.device], folder.env, log, leave=False)
+                                       "-device", s.device], folder.seed_environment(seed), log, leave=False)
 
 
 def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, trainer: str) -> dict:
@@ -300,14 +305,15 @@ def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, t
     started = time.time()
     dataset_id = _dataset_id(raw)
     name, configuration = s.bench_name(trainer), s.split_arm(trainer)[1]
-    fold = _fold_folder(folder, raw, trainer)
+    fold = _fold_folder(folder, raw, trainer, seed)
+    env = folder.seed_environment(seed)
     if not (fold / "checkpoint_final.pth").is_file() or not (fold / "validation" / "summary.json").is_file():
         resume = ["--c"] if (fold / "checkpoint_latest.pth").is_file() else []
         if not resume:
-            ensure_pseudolabels(folder, raw, trainer, run / "pseudolabels.log")
+            ensure_pseudolabels(folder, raw, trainer, seed, run / "pseudolabels.log")
         run_logged(f"train {trainer}", [nnunet_command("nnUNetv2_train"), dataset_id, configuration, FOLD,
                                         "-tr", name, "-p", s.plans_identifier, "-device", s.device, *resume],
-                   training_environment(folder.env), run / "train.log", progress=EPOCH_LINE, total=s.epochs,
+                   training_environment(env), run / "train.log", progress=EPOCH_LINE, total=s.epochs,
                    leave=False)
     test_predictions = run / "test_predictions"
     shutil.rmtree(test_predictions, ignore_errors=True)
@@ -316,7 +322,7 @@ def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, t
                                       str(test_predictions), "-d", dataset_id, "-c", configuration, "-f", FOLD,
                                       "-tr", name, "-p", s.plans_identifier, "-device", s.device,
                                       "-npp", "0", "-nps", "0"],
-               folder.env, run / "predict.log", progress=PREDICT_LINE, total=cases, leave=False)
+               env, run / "predict.log", progress=PREDICT_LINE, total=cases, leave=False)
     test = evaluate_folder(test_predictions, raw / "labelsTs", topology=s.topology)
     train = evaluate_folder(fold / "validation", raw / "labelsTr_dense", annotated_dir=raw / "labelsTr",
                             topology=False)

@@ -135,6 +135,16 @@ def test_runs_are_resumed_and_a_failing_run_does_not_stop_the_others(tmp_path, m
     assert len(summary["failures"]) == 1
 
 
+def test_seeds_sharing_a_dataset_train_into_their_own_results(tmp_path):
+    folder = BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(recipe="vesselnn", data=str(tmp_path)))
+    raw = folder.raw / "Dataset100_VesselnnSlices5"  # vesselnn's datasets do not depend on the seed
+    folds = {seed: benchmark._fold_folder(folder, raw, "nnUNetTrainer", seed) for seed in (0, 1)}
+    assert folds[0] != folds[1]  # else seed 1 would find seed 0's checkpoint_final.pth and skip training
+    for seed, fold in folds.items():
+        assert fold.is_relative_to(folder.seed_environment(seed)["nnUNet_results"])
+    assert folder.seed_environment(0)["nnUNet_raw"] == folder.env["nnUNet_raw"]
+
+
 def test_the_generated_trainers_carry_the_budget(tmp_path):
     settings = BenchmarkSettings(trainers=["MeanTeacherContinuityTrainer"], epochs=3, iterations=20)
     folder = BenchmarkFolder(tmp_path / "bench", settings)
@@ -166,8 +176,8 @@ def test_vesselnn_recipe(tmp_path):
     assert tests == ["burgess2014_noisySparseVessels.nii.gz", "poon2015_BBB_noLeakage.nii.gz",
                      "santos2015_mixedSizelowContrastVessels.nii.gz"]
     label = sitk.ReadImage(str(folder / "labelsTr" / "burgess2014_lowerRes_hiSNR.nii.gz"))
-    assert sitk.GetArrayFromImage(label).shape == (26, 160, 160)  # 320 x 320 halved in-plane
-    assert label.GetSpacing() == pytest.approx((2.0, 2.0, 5.0))  # SimpleITK's (x, y, z)
+    assert sitk.GetArrayFromImage(label).shape == (26, 80, 80)  # 320 x 320 downsampled 4x in-plane
+    assert label.GetSpacing() == pytest.approx((4.0, 4.0, 5.0))  # SimpleITK's (x, y, z)
     values = np.unique(_read(folder / "labelsTs" / "santos2015_mixedSizelowContrastVessels.nii.gz"))
     assert values.tolist() == [0, 1]  # 254 in the source
 
@@ -204,7 +214,7 @@ def test_a_real_benchmark_through_nnunet(tmp_path, monkeypatch):
     assert saved["trained_as"] == "PseudoLabelWeightedTrainer_bench1x2" and saved["configuration"] == "3d_fullres"
     assert set(saved["test"]["cases"]) == {"small_test_000"}
     assert set(saved["train"]["cases"]) == {f"small_{i:03d}" for i in range(4)}  # fold all validates every case
-    results = out / "nnUNet_results"
+    results = out / "nnUNet_results" / "seed0"
     fold = next(results.glob("Dataset100_*/PseudoLabelWeightedTrainer_bench1x2__nnUNetPlans_tiny__3d_fullres/fold_all"))
     assert (fold / "checkpoint_final.pth").is_file()
     assert next(results.glob("Dataset100_*/nnUNetTrainer_bench1x2__nnUNetPlans_tiny__2d/fold_all/checkpoint_final.pth"))
@@ -230,15 +240,11 @@ def _small_synth(recipe, raw_dir, dataset_id, name, sparsity, seed, dense_source
 
 
 @pytest.mark.integration
-def test_speed_benchmark(tiny_dataset, monkeypatch, tmp_path, capsys):
-    from conftest import train_env
+def test_speed_benchmark(tiny_env, tmp_path, capsys):
     from nnunet_ext.cli import main
 
-    for key, value in train_env(tiny_dataset.env).items():
-        if key.startswith("nnUNet"):
-            monkeypatch.setenv(key, value)
     saved = tmp_path / "speed.json"
-    assert main(["benchmark", "speed", "-d", str(tiny_dataset.dataset_id), "--trainers", "MeanTeacherTrainer",
+    assert main(["benchmark", "speed", "-d", str(tiny_env.dataset_id), "--trainers", "MeanTeacherTrainer",
                  "--repeats", "2", "--json", str(saved)]) == 0
     table = capsys.readouterr().out
     assert "nnUNetPlans_tiny / 3d_fullres" in table and "MeanTeacherTrainer" in table
