@@ -62,3 +62,24 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
     cli("nnunet-ext", "plans", "tiny", "-d", ds, env=env)
     raw = next((root / "nnUNet_raw").glob(f"Dataset{TINY_DATASET_ID:03d}_*"))
     return TinyDataset(root=root, env=env, dataset_id=TINY_DATASET_ID, raw=raw)
+
+
+@pytest.fixture
+def tiny_env(tiny_dataset, monkeypatch) -> TinyDataset:
+    """This process's nnU-Net variables pointed at the shared tiny dataset (augmentation in the main process)."""
+    for key, value in train_env(tiny_dataset.env).items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    return tiny_dataset
+
+
+@pytest.fixture
+def build_in_process(tiny_env, tmp_path):
+    """``build(trainer_class, plans="nnUNetPlans_tiny", **kwargs)``: an initialized trainer on the tiny dataset,
+    built in this process as nnUNetv2_train builds it (its results folder in tmp_path)."""
+    from nnunet_ext.steptime import build_trainer
+
+    def build(trainer_class, plans: str = "nnUNetPlans_tiny", **kwargs):
+        return build_trainer(trainer_class, tiny_env.dataset_id, plans, scratch=str(tmp_path), **kwargs)
+
+    return build

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_SHAPE, cli, train_env
 from nnunet_ext.architectures import AxialAttentionPlainConvUNet, SequentialAxialAttention
 from nnunet_ext.plans import derive_attention_plans
-from nnunet_ext.steptime import build_trainer, draw_batches
+from nnunet_ext.steptime import draw_batches
 from nnunet_ext.trainers import MeanTeacherContinuityTrainer
 
 pytestmark = pytest.mark.integration
@@ -59,14 +59,10 @@ def test_too_many_attention_stages_is_one_error_line(tiny_dataset):
     assert not list((tiny_dataset.root / "nnUNet_preprocessed").glob("Dataset007_*/nnUNetPlans_tiny_attn3.json"))
 
 
-def test_mean_teacher_continuity_trains_the_attention_network(tiny_dataset, monkeypatch, tmp_path):
+def test_mean_teacher_continuity_trains_the_attention_network(tiny_env, build_in_process):
     """The paper's full method: the student and its EMA teacher both carry the attention blocks."""
-    for key, value in train_env(tiny_dataset.env).items():
-        if key.startswith("nnUNet"):
-            monkeypatch.setenv(key, value)
-    derive_attention_plans(tiny_dataset.dataset_id, "nnUNetPlans_tiny", "nnUNetPlans_tiny_axialattn_mt")
-    trainer = build_trainer(MeanTeacherContinuityTrainer, tiny_dataset.dataset_id, "nnUNetPlans_tiny_axialattn_mt",
-                            scratch=str(tmp_path))
+    derive_attention_plans(tiny_env.dataset_id, "nnUNetPlans_tiny", "nnUNetPlans_tiny_axialattn_mt")
+    trainer = build_in_process(MeanTeacherContinuityTrainer, "nnUNetPlans_tiny_axialattn_mt")
     trainer.current_epoch = trainer.num_epochs // 2  # both SSL losses at full weight
     (batch,) = draw_batches(trainer, 1)
     loss = trainer.train_step(batch)["loss"]

@@ -102,16 +102,9 @@ def test_ensemble_trains_and_predicts_through_the_real_clis(tiny_dataset):
 # ------------------------------------------------------------------------------------------------ in-process checks
 
 @pytest.fixture
-def in_process(tiny_dataset, monkeypatch, tmp_path):
+def in_process(build_in_process):
     """Build trainers in this process on the shared tiny dataset (results in tmp_path)."""
-    for key, value in train_env(tiny_dataset.env).items():
-        if key.startswith("nnUNet"):
-            monkeypatch.setenv(key, value)
-
-    def build(trainer_class=CPSCutMixTrainer):
-        return build_trainer(trainer_class, tiny_dataset.dataset_id, "nnUNetPlans_tiny", scratch=str(tmp_path))
-
-    return build
+    return lambda trainer_class=CPSCutMixTrainer: build_in_process(trainer_class)
 
 
 def test_warmup_schedule(in_process):

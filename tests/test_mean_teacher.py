@@ -10,7 +10,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from conftest import TINY_SHAPE, cli, train_env
-from nnunet_ext.steptime import build_trainer, draw_batches
+from nnunet_ext.steptime import draw_batches
 from nnunet_ext.trainers import MeanTeacherContinuityTrainer, MeanTeacherTrainer
 from nnunet_ext.semi_supervised import unwrap
 
@@ -77,16 +77,9 @@ def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
 
 
 @pytest.fixture
-def in_process(tiny_dataset, monkeypatch, tmp_path):
+def in_process(build_in_process):
     """Build trainers in this process on the shared tiny dataset (results in tmp_path)."""
-    for key, value in train_env(tiny_dataset.env).items():
-        if key.startswith("nnUNet"):
-            monkeypatch.setenv(key, value)
-
-    def build(trainer_class=MeanTeacherContinuityTrainer):
-        return build_trainer(trainer_class, tiny_dataset.dataset_id, "nnUNetPlans_tiny", scratch=str(tmp_path))
-
-    return build
+    return lambda trainer_class=MeanTeacherContinuityTrainer: build_in_process(trainer_class)
 
 
 def state_of(trainer):
@@ -154,13 +147,10 @@ def test_teacher_is_what_validation_and_checkpoints_see(in_process, tmp_path, mo
     assert_same_tensors(saved["student_weights"], unwrap(trainer.network).state_dict())
 
 
-def test_dataset_without_ignore_label_is_refused(tiny_dataset, monkeypatch, tmp_path):
-    for key, value in train_env(tiny_dataset.env).items():
-        if key.startswith("nnUNet"):
-            monkeypatch.setenv(key, value)
+def test_dataset_without_ignore_label_is_refused(tiny_env, monkeypatch, tmp_path):
     from nnunet_ext.nnunet_paths import dataset_folder
 
-    folder = dataset_folder(tiny_dataset.dataset_id)
+    folder = dataset_folder(tiny_env.dataset_id)
     plans = json.loads((folder / "nnUNetPlans_tiny.json").read_text())
     plans["continue_training"] = False
     dataset_json = json.loads((folder / "dataset.json").read_text())

@@ -22,7 +22,7 @@ from nnunet_ext.nnunet_paths import dataset_folder
 from nnunet_ext.pseudolabels import (load_record, pseudo_label_array, pseudo_label_folder, save_pseudo_labels,
                                      to_preprocessed_geometry, write_record)
 from nnunet_ext.semi_supervised.pseudo_label import CONFIDENCE_SCALE
-from nnunet_ext.steptime import build_trainer, draw_batches
+from nnunet_ext.steptime import draw_batches
 from nnunet_ext.trainers import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
 
 pytestmark = pytest.mark.integration
@@ -89,16 +89,9 @@ def test_2d_training_pseudolabels_3d_training_and_prediction_through_the_clis(ti
 
 
 @pytest.fixture
-def in_process(tiny_dataset, monkeypatch, tmp_path):
+def in_process(build_in_process):
     """Build trainers in this process on the shared tiny dataset (results in tmp_path)."""
-    for key, value in train_env(tiny_dataset.env).items():
-        if key.startswith("nnUNet"):
-            monkeypatch.setenv(key, value)
-
-    def build(trainer_class, fold):
-        return build_trainer(trainer_class, tiny_dataset.dataset_id, PLANS, fold=fold, scratch=str(tmp_path))
-
-    return build
+    return lambda trainer_class, fold: build_in_process(trainer_class, PLANS, fold=fold)
 
 
 # Confidence stored per dense class, so the confidence channel can be checked after augmentation too.

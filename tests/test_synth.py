@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from nnunet_ext import synth
 from nnunet_ext.errors import UserError
-from nnunet_ext.synth import LABELS, annotated_slices, make_case, sparsify, write_synthetic_dataset
+from nnunet_ext.synth import annotated_slices, make_case, sparsify, write_synthetic_dataset
 
 SHAPE = (16, 32, 32)
 # Three different values, so any (z, y, x) / (x, y, z) mix-up shows up in the read-back checks.
