@@ -141,6 +141,8 @@ def main() -> None:
         return
     slab = args.size[0] * args.slice[0] * args.slice[1] * 2
     n_slices = math.ceil(args.gb * 1e9 / slab) * args.size[0]  # whole slabs: both processes read the same slices
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)  # a named scratch folder need not exist yet
     work = Path(tempfile.mkdtemp(prefix="selma3d_bench_", dir=args.workdir))
     try:
         start = time.perf_counter()
