@@ -185,9 +185,12 @@ class BenchmarkFolder:
     def run_folder(self, sparsity: Sparsity, seed: int, trainer: str) -> Path:
         return self.root / "runs" / sparsity.label / f"seed{seed}" / trainer
 
+    def results(self, seed: int) -> Path:
+        """One seed's nnUNet_results: seeds may share a dataset, and each must train its own models."""
+        return self.root / "nnUNet_results" / f"seed{seed}"
+
     def seed_environment(self, seed: int) -> dict:
-        """The environment of one seed's runs: its own nnUNet_results, since seeds may share a dataset."""
-        return dict(self.env, nnUNet_results=str(self.root / "nnUNet_results" / f"seed{seed}"))
+        return dict(self.env, nnUNet_results=str(self.results(seed)))
 
     def write_trainer_module(self, trainers: list[str]) -> None:
         """The budget variants nnU-Net finds through ``nnUNet_extTrainer`` (this folder comes first)."""
@@ -272,7 +275,7 @@ def _existing_dataset(base: Path, dataset_id: int) -> Path | None:
 
 def _fold_folder(folder: BenchmarkFolder, raw: Path, arm: str, seed: int) -> Path:
     s = folder.settings
-    return (Path(folder.seed_environment(seed)["nnUNet_results"]) / raw.name /
+    return (folder.results(seed) / raw.name /
             f"{s.bench_name(arm)}__{s.plans_identifier}__{s.split_arm(arm)[1]}" / f"fold_{FOLD}")
 
 

@@ -141,7 +141,7 @@ def test_seeds_sharing_a_dataset_train_into_their_own_results(tmp_path):
     folds = {seed: benchmark._fold_folder(folder, raw, "nnUNetTrainer", seed) for seed in (0, 1)}
     assert folds[0] != folds[1]  # else seed 1 would find seed 0's checkpoint_final.pth and skip training
     for seed, fold in folds.items():
-        assert fold.is_relative_to(folder.seed_environment(seed)["nnUNet_results"])
+        assert fold.is_relative_to(folder.seed_environment(seed)["nnUNet_results"])  # where nnU-Net writes it
     assert folder.seed_environment(0)["nnUNet_raw"] == folder.env["nnUNet_raw"]
 
 
