@@ -64,7 +64,7 @@ from nnunet_ext.dataset_conversion.readers import NIFTI_SUFFIXES, list_slices, r
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import raw_output_folder
 from nnunet_ext.raw_dataset import (add_output_arguments, atomic_dataset_folder, check_dataset_id_and_name,
-                                    check_file_format, check_free, dataset_folder_name, dataset_json, is_int,
+                                    check_file_format, check_free, copy_written, dataset_folder_name, dataset_json, is_int,
                                     is_real, verify_raw_dataset, write_image)
 
 STRUCTURES = {
@@ -388,27 +388,24 @@ class SubVolume:
     array: np.ndarray
 
 
-def _above(plane: np.ndarray, threshold: float) -> np.ndarray:
-    """Boolean mask of ``plane > threshold`` for an integer plane, compared in its own dtype.
+def _count_above(block: np.ndarray, tile_y: int, tile_x: int, threshold: float) -> np.ndarray:
+    """(ny, nx) int64: voxels > threshold per tile of one (1, ny * tile_y, nx * tile_x) integer slice.
 
-    For integers v > t <=> v > floor(t); comparing in the plane's dtype avoids a float64 cast of every voxel,
-    and thresholds outside the dtype's range give all True / all False instead of wrapping around.
+    For integers v > t <=> v > floor(t): comparing in the slice's dtype avoids a float64 cast of every voxel, and
+    thresholds outside the dtype's range count all / no voxels instead of wrapping around.
     """
+    plane = block[0]
+    ny, nx = plane.shape[0] // tile_y, plane.shape[1] // tile_x
     info, t = np.iinfo(plane.dtype), math.floor(threshold)
     if t < info.min or t >= info.max:
-        return np.full(plane.shape, t < info.min)
-    return plane > plane.dtype.type(t)
-
-
-def _count_above(block: np.ndarray, tile_y: int, tile_x: int, threshold: float) -> np.ndarray:
-    """(ny, nx) int64: voxels > threshold per tile of one (1, ny * tile_y, nx * tile_x) integer slice."""
-    above = _above(block[0], threshold)
-    ny, nx = above.shape[0] // tile_y, above.shape[1] // tile_x
+        return np.full((ny, nx), tile_y * tile_x if t < info.min else 0, dtype=np.int64)
     counts = np.empty((ny, nx), dtype=np.int64)
-    # A loop of count_nonzero over tiles is ~4x faster than summing a (ny, ty, nx, tx) boolean view.
+    above = np.empty((tile_y, nx * tile_x), dtype=bool)  # one row of tiles at a time: stays in cache
     for iy in range(ny):
+        np.greater(plane[iy * tile_y:(iy + 1) * tile_y, :nx * tile_x], plane.dtype.type(t), out=above)
+        # A loop of count_nonzero over tiles is ~4x faster than summing a (ty, nx, tx) boolean view.
         for ix in range(nx):
-            counts[iy, ix] = np.count_nonzero(above[iy * tile_y:(iy + 1) * tile_y, ix * tile_x:(ix + 1) * tile_x])
+            counts[iy, ix] = np.count_nonzero(above[:, ix * tile_x:(ix + 1) * tile_x])
     return counts
 
 
@@ -480,8 +477,8 @@ def iter_subvolumes(volume: SliceVolume, size: Sequence[int] = DEFAULT_SIZE, thr
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _run_bounded(jobs: Iterable[Callable[[], None]], num_workers: int) -> None:
-    """Run write jobs on ``num_workers`` threads, at most 2 * num_workers pending (bounds the tiles in memory)."""
+def _run_bounded(jobs: Iterable[Callable[[], None]], num_workers: int, max_pending: int) -> None:
+    """Run write jobs on ``num_workers`` threads with at most ``max_pending`` queued (bounds the tiles in memory)."""
     if num_workers == 1:
         for job in jobs:
             job()
@@ -492,15 +489,28 @@ def _run_bounded(jobs: Iterable[Callable[[], None]], num_workers: int) -> None:
         pending = deque()
         for job in jobs:
             pending.append(pool.submit(job))
-            if len(pending) >= 2 * num_workers:
+            if len(pending) >= max_pending:
                 pending.popleft().result()
         for future in pending:
             future.result()
 
 
+def _max_pending(brains: Sequence["_Brain"], num_workers: int) -> int:
+    """Queued write jobs: half a slab of tiles of the smallest brain, so that the next slab is read while
+    the queue is written and memory stays under 1.5 slabs (at least 2 jobs per thread)."""
+    tiles_per_slab = [b.grid.counts[1] * b.grid.counts[2] for b in brains]
+    return max(2 * num_workers, min(tiles_per_slab, default=0) // 2)
+
+
 def _write_case(folder: Path, case: str, image: np.ndarray, label: np.ndarray, spacing, file_format: str) -> None:
     write_image(image, folder / "imagesTr" / case, spacing, file_format, channel=0)
     write_image(label, folder / "labelsTr" / case, spacing, file_format)
+
+
+def _write_brain_case(folder: Path, case: str, image: np.ndarray, label_template: Path, spacing,
+                      file_format: str) -> None:
+    write_image(image, folder / "imagesTr" / case, spacing, file_format, channel=0)
+    copy_written(label_template, folder / "labelsTr" / case, file_format)
 
 
 def _write_patch(folder: Path, pair: PatchPair, file_format: str) -> None:
@@ -524,10 +534,16 @@ class _Brain:
 
 def _brain_jobs(brain: _Brain, folder: Path, spacing, threshold: float, min_foreground: float, file_format: str,
                 compute_kwargs: dict) -> Iterator[Callable]:
-    ignore = np.full(brain.grid.size, IGNORE, dtype=np.uint8)  # shared, read-only: every tile's label
+    template = None  # every tile's label is the same file (all ignore): written once, then copied
     for sub in _iter_subvolumes(brain.volume, brain.grid, threshold, min_foreground, compute_kwargs):
         brain.kept += 1
-        yield partial(_write_case, folder, brain.case(sub.index), sub.array, ignore, spacing, file_format)
+        case = brain.case(sub.index)
+        if template is None:
+            template = folder / "labelsTr" / case
+            write_image(np.full(brain.grid.size, IGNORE, dtype=np.uint8), template, spacing, file_format)
+            yield partial(write_image, sub.array, folder / "imagesTr" / case, spacing, file_format, channel=0)
+        else:
+            yield partial(_write_brain_case, folder, case, sub.array, template, spacing, file_format)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -601,7 +617,7 @@ def _dataset_document(name: str, structure: str, pairs, patch_spacings, brains, 
 def convert(out_dir, dataset_id: int, structure: str, patches=None, whole_brain: Sequence = (),
             spacing: Sequence[float] | None = None, size: Sequence[int] = DEFAULT_SIZE, threshold: float = 0.0,
             min_foreground: float = 0.0, scheduler: str | None = None, num_workers: int = DEFAULT_WORKERS,
-            name: str | None = None, file_format: str = "nifti") -> Path:
+            name: str | None = None, file_format: str = "nifti", verify: bool = True) -> Path:
     """Convert SELMA3D patches and/or whole brains into ``out_dir/DatasetXXX_<name>`` and return its path.
 
     Args:
@@ -617,7 +633,10 @@ def convert(out_dir, dataset_id: int, structure: str, patches=None, whole_brain:
         scheduler: Dask scheduler address for the whole-brain reads and counts; None = ``num_workers`` local threads.
         num_workers: local threads for reading, writing and nnU-Net's integrity check.
         name: dataset name (default ``SELMA3D_<structure>``).
-        file_format: ``nifti`` (.nii.gz) or ``tif`` (Tiff3DIO .tif + spacing .json).
+        file_format: ``nifti`` (.nii.gz) or ``tif`` (Tiff3DIO .tif + spacing .json; zstd: ~7x faster to write).
+        verify: run nnU-Net's integrity check on the written dataset. It reads every file back, which for whole
+            brains costs about as much as the conversion; ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity``
+            runs the same check.
     Returns:
         The dataset folder: imagesTr/<case>_0000 (patches: stored dtype; brains: slice dtype), labelsTr/<case>
         (uint8: 0/1 for patches, all 2 for brain sub-volumes), dataset.json.
@@ -643,7 +662,7 @@ def convert(out_dir, dataset_id: int, structure: str, patches=None, whole_brain:
         brain_jobs = (job for brain in brains
                       for job in _brain_jobs(brain, folder, spacing, threshold, min_foreground, file_format,
                                              compute_kwargs))
-        _run_bounded(itertools.chain(patch_jobs, brain_jobs), num_workers)
+        _run_bounded(itertools.chain(patch_jobs, brain_jobs), num_workers, _max_pending(brains, num_workers))
         if not pairs and not any(b.kept for b in brains):
             raise UserError(f"no sub-volume passed the foreground filter (> {min_foreground} % of voxels above "
                             f"{threshold}) in {', '.join(str(b.volume.folder) for b in brains)}; lower "
@@ -651,7 +670,8 @@ def convert(out_dir, dataset_id: int, structure: str, patches=None, whole_brain:
         document = _dataset_document(name, structure, pairs, patch_spacings, brains, spacing, threshold,
                                      min_foreground, file_format)
         (folder / "dataset.json").write_text(json.dumps(document, indent=2) + "\n")
-        verify_raw_dataset(folder, num_processes=num_workers)
+        if verify:
+            verify_raw_dataset(folder, num_processes=num_workers)
     return Path(out_dir) / dataset_folder_name(dataset_id, name)
 
 
@@ -674,7 +694,7 @@ def _run(args: argparse.Namespace) -> None:
     folder = convert(out, args.dataset_id, args.structure, patches=args.patches, whole_brain=args.whole_brain,
                      spacing=args.spacing, size=args.size, threshold=args.threshold,
                      min_foreground=args.min_foreground, scheduler=args.scheduler, num_workers=args.workers,
-                     name=args.name, file_format=args.format)
+                     name=args.name, file_format=args.format, verify=not args.no_verify)
     record = json.loads((folder / "dataset.json").read_text())
     kept = "".join(f", {k}: kept {v['kept']} of {math.prod(v['grid'])} sub-volumes"
                    for k, v in record["selma3d"]["whole_brain"].items())
@@ -707,5 +727,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                         help="Dask scheduler (tcp://host:port) for the whole-brain reads; default: local threads")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help=f"local threads for reading and writing (default {DEFAULT_WORKERS})")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip nnU-Net's integrity check after writing (it reads every file back; "
+                             "nnUNetv2_plan_and_preprocess --verify_dataset_integrity runs it too)")
     parser.set_defaults(func=_run)
     return parser

@@ -200,6 +200,34 @@ def test_cli_writes_tiff_dataset(tmp_path, brain, capsys):
     for spacing_file in ("imagesTr/brain00_z001_y001_x002.json", "labelsTr/brain00_z001_y001_x002.json"):
         assert json.loads((folder / spacing_file).read_text()) == {"spacing": [4.0, 1.0, 1.0]}  # Tiff3DIO's names
     assert json.loads((folder / "dataset.json").read_text())["overwrite_image_reader_writer"] == "Tiff3DIO"
+    with tifffile.TiffFile(folder / "labelsTr" / "brain00_z001_y001_x002.tif") as label:
+        assert label.pages[0].compression == tifffile.COMPRESSION.ZSTD  # nnU-Net's check above read it back
+        assert (label.asarray() == 2).all()  # a copy of the first tile's label file
+
+
+@pytest.mark.parametrize("no_verify, checked", [([], 1), (["--no-verify"], 0)])
+def test_no_verify_skips_nnunets_integrity_check(tmp_path, brain, monkeypatch, no_verify, checked):
+    calls = []
+    monkeypatch.setattr(selma3d, "verify_raw_dataset", lambda folder, num_processes: calls.append(folder))
+    parser = argparse.ArgumentParser()
+    selma3d.register_cli(parser.add_subparsers())
+    args = parser.parse_args(["selma3d", "-d", "3", "--structure", "vessel", "--whole-brain", str(brain),
+                              "--spacing", "4", "1", "1", "--size", *map(str, TILE), "--threshold", "-40000",
+                              "--workers", "1", "--out", str(tmp_path / "raw"), *no_verify])
+    args.func(args)
+    assert len(calls) == checked
+    assert len(list((tmp_path / "raw" / "Dataset003_SELMA3D_vessel" / "labelsTr").iterdir())) == 18  # all 3 x 2 x 3 tiles
+
+
+@pytest.mark.parametrize("tiles_per_slab, num_workers, expected", [
+    ([(4, 6), (2, 3)], 2, 4),  # half of the smallest slab's 6 tiles is 3: at least 2 per thread
+    ([(10, 10), (8, 9)], 2, 36),  # half of min(100, 72) tiles
+    ([], 3, 6),  # patches only
+])
+def test_write_queue_holds_half_a_slab_of_tiles(tiles_per_slab, num_workers, expected):
+    brains = [selma3d._Brain("b", None, selma3d.TileGrid((4, 16 * ny, 16 * nx), (4, 16, 16)))
+              for ny, nx in tiles_per_slab]
+    assert selma3d._max_pending(brains, num_workers) == expected
 
 
 def test_distributed_scheduler_gives_the_same_output(tmp_path, brain):
