@@ -1,28 +1,34 @@
 """Streaming whole-brain conversion (``convert selma3d --whole-brain``) vs plain reading of the same slices.
 
 Writes a synthetic light-sheet slice series (int16 TIFF slices, an ellipsoidal "brain" on a dark, noisy
-background with negative values) of at least ``--gb`` GB, then measures in SEPARATE processes, one after the
-other on the same (page-cached) files:
+background with negative values) of at least ``--gb`` GB, then measures, each in a fresh process and with the
+slice files evicted from the page cache first (a whole brain is larger than RAM, so a user's conversion reads
+from disk; the files are flushed and dropped with posix_fadvise, see ``evict``):
 
-  raw read   tifffile.imread of every slice: the read baseline,
-  streaming  selma3d.iter_subvolumes without writing: lazy dask reads, per-tile foreground counts, tile cutting,
-  convert    selma3d.convert: the streaming pass plus gzip NIfTI writing of the kept tiles and their ignore
-             labels, dataset.json and nnU-Net's integrity check,
+  raw read        tifffile.imread of every slice: the read baseline,
+  streaming       selma3d.iter_subvolumes without writing: lazy dask reads, per-tile foreground counts, tile cutting,
+  convert tif     selma3d.convert --format tif --no-verify: the streaming pass plus zstd TIFF writing of the kept
+                  tiles and their ignore labels and dataset.json (the converter's own work: the target),
+  + verify        the same plus nnU-Net's verify_dataset_integrity, which reads every written file back,
+  convert nifti   the defaults: gzip NIfTI and nnU-Net's integrity check.
 
-and prints each process's peak RSS (VmHWM) and the part of it above the peak right after its imports,
-the size of one slab (size[0] whole slices), converter peak RSS / slab (target <= 2) and converter time /
-raw read time (target <= 2). The converter process imports nnU-Net's integrity check (torch) before its
-baseline is taken, so "above imports" is what the conversion itself holds; nnU-Net's check reads the
-written files back in worker processes of its own (not counted).
+All modes run in ``--repeats`` interleaved rounds (this machine is noisy; medians are reported). Printed: each
+mode's median time and its ratio to the raw read, peak RSS (VmHWM) and the part above the peak right after its
+imports (converters with the check import nnU-Net, i.e. torch, before the baseline is taken; the check's own
+worker processes are not counted), one slab (size[0] whole slices), and the targets: converter peak RSS / slab
+<= 2 and converter time / raw read time <= 2. Written files end in the page cache; the time to flush them to disk
+is not counted (it is flushed before the next measurement).
 
 Usage:
     python benchmarks/convert_streaming.py                          # >= 2 GB (256 slices of 2048 x 2048)
-    python benchmarks/convert_streaming.py --gb 0.3 --slice 1024 1024 [--workers 2] [--workdir DIR] [--keep]
+    python benchmarks/convert_streaming.py --gb 0.3 --slice 1024 1024 [--workers 2] [--repeats 3] [--workdir DIR]
+        [--keep] [--warm]
 """
 
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import subprocess
@@ -68,34 +74,58 @@ def write_series(folder: Path, n_slices: int, shape: tuple[int, int], seed: int 
         tifffile.imwrite(folder / f"slice_{z:05d}.tif", plane)
 
 
+def evict(folder: Path) -> bool:
+    """Flush the files of ``folder`` to disk and drop them from the page cache; False where that is unsupported."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    os.sync()  # also the previous measurement's output: its write-back must not slow the next one down
+    for path in folder.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+# Child modes: (file format, nnU-Net's integrity check) of the converter runs.
+CONVERTERS = {"convert tif": ("tif", False), "+ verify": ("tif", True), "convert nifti": ("nifti", True)}
+MODES = ("raw read", "streaming", *CONVERTERS)
+
+
 def child(mode: str, folder: Path, out: Path, size: tuple[int, int, int], workers: int) -> dict:
     """One measurement, run in a fresh process: seconds, peak RSS, RSS after imports (+ extra counts)."""
-    if mode == "raw":
+    if mode == "raw read":
         baseline = peak_rss()
         start = time.perf_counter()
         n = sum(tifffile.imread(path).size > 0 for path in sorted(folder.glob("*.tif")))
         return {"seconds": time.perf_counter() - start, "peak": peak_rss(), "baseline": baseline, "slices": n}
     from nnunet_ext.dataset_conversion import selma3d
 
-    if mode == "stream":
+    if mode == "streaming":
         baseline = peak_rss()
         start = time.perf_counter()
         volume = selma3d.scan_slice_folder(folder)
         kept = sum(1 for _ in selma3d.iter_subvolumes(volume, size, THRESHOLD, MIN_FOREGROUND, num_workers=workers))
         return {"seconds": time.perf_counter() - start, "peak": peak_rss(), "baseline": baseline, "kept": kept}
-    import nnunetv2.experiment_planning.verify_dataset_integrity  # noqa: F401  (torch: part of the baseline)
-
+    file_format, verify = CONVERTERS[mode]
+    if verify:
+        import nnunetv2.experiment_planning.verify_dataset_integrity  # noqa: F401  (torch: part of the baseline)
     baseline = peak_rss()
     start = time.perf_counter()
     dataset = selma3d.convert(out, 1, "vessel", whole_brain=[folder], spacing=(6.0, 6.0, 6.0), size=size,
-                              threshold=THRESHOLD, min_foreground=MIN_FOREGROUND, num_workers=workers)
+                              threshold=THRESHOLD, min_foreground=MIN_FOREGROUND, num_workers=workers,
+                              file_format=file_format, verify=verify)
     seconds = time.perf_counter() - start
     record = json.loads((dataset / "dataset.json").read_text())["selma3d"]["whole_brain"]["brain00"]
+    written = sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file())
+    shutil.rmtree(dataset)
     return {"seconds": seconds, "peak": peak_rss(), "baseline": baseline, "kept": record["kept"],
-            "grid": record["grid"], "written_bytes": sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file())}
+            "grid": record["grid"], "written_bytes": written}
 
 
 def measure(mode: str, args, folder: Path, out: Path) -> dict:
+    cold = not args.warm and evict(folder)
     command = [sys.executable, __file__, "--child", mode, "--folder", str(folder), "--out", str(out),
                "--size", *map(str, args.size), "--workers", str(args.workers)]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -103,24 +133,35 @@ def measure(mode: str, args, folder: Path, out: Path) -> dict:
     if result.returncode != 0 or not lines:
         raise SystemExit(f"{mode} measurement failed ({result.returncode}):\n{result.stdout[-2000:]}\n"
                          f"{result.stderr[-3000:]}")
-    return json.loads(lines[-1][len(RESULT):])
+    return {**json.loads(lines[-1][len(RESULT):]), "cold": cold}
 
 
-def report(args, n_slices: int, slab: int, results: dict) -> None:
+def report(args, n_slices: int, slab: int, rounds: list[dict]) -> None:
     mb = 1e6
     total = n_slices * args.slice[0] * args.slice[1] * 2
-    raw, stream, conv = results["raw"], results["stream"], results["convert"]
+    median = {mode: float(np.median([r[mode]["seconds"] for r in rounds])) for mode in MODES}
+    last = rounds[-1]
+    cache = "warm (--warm)" if args.warm else ("cold" if last["raw read"]["cold"] else "warm (no posix_fadvise)")
     print(f"data: {n_slices} slices of {args.slice[0]} x {args.slice[1]} int16 = {total / 1e9:.2f} GB; "
-          f"sub-volume {' x '.join(map(str, args.size))}, {args.workers} worker thread(s)")
+          f"sub-volume {' x '.join(map(str, args.size))}, {args.workers} worker thread(s); page cache {cache}; "
+          f"median of {len(rounds)} round(s)")
     print(f"slab: {args.size[0]} slices = {slab} bytes ({slab / mb:.1f} MB)")
-    print(f"kept {conv['kept']} of {math.prod(conv['grid'])} sub-volumes; wrote {conv['written_bytes'] / mb:.0f} MB")
-    print(f"{'process':<12}{'time s':>10}{'peak RSS MB':>14}{'above imports MB':>19}")
-    for name, r in (("raw read", raw), ("streaming", stream), ("convert", conv)):
-        print(f"{name:<12}{r['seconds']:>10.2f}{r['peak'] / mb:>14.1f}{(r['peak'] - r['baseline']) / mb:>19.1f}")
-    print(f"converter peak RSS / slab: {conv['peak'] / slab:.2f} absolute, "
-          f"{(conv['peak'] - conv['baseline']) / slab:.2f} above imports (target <= 2)")
-    print(f"converter time / raw read time: {conv['seconds'] / raw['seconds']:.2f} (target <= 2); "
-          f"streaming pass / raw read: {stream['seconds'] / raw['seconds']:.2f}")
+    print(f"kept {last['convert tif']['kept']} of {math.prod(last['convert tif']['grid'])} sub-volumes; wrote "
+          + ", ".join(f"{last[m]['written_bytes'] / mb:.0f} MB ({m})" for m in ("convert tif", "convert nifti")))
+    print(f"{'process':<15}{'time s':>9}{'all rounds s':>22}{'/ raw read':>12}{'peak RSS MB':>13}"
+          f"{'above imports MB':>18}")
+    for mode in MODES:
+        times = " ".join(f"{r[mode]['seconds']:.2f}" for r in rounds)
+        peak = max(r[mode]["peak"] for r in rounds)
+        above = max(r[mode]["peak"] - r[mode]["baseline"] for r in rounds)
+        print(f"{mode:<15}{median[mode]:>9.2f}{times:>22}{median[mode] / median['raw read']:>12.2f}"
+              f"{peak / mb:>13.1f}{above / mb:>18.1f}")
+    converter = [r["convert tif"] for r in rounds]
+    print(f"converter (convert tif) peak RSS / slab: {max(r['peak'] for r in converter) / slab:.2f} absolute, "
+          f"{max(r['peak'] - r['baseline'] for r in converter) / slab:.2f} above imports (target <= 2)")
+    print(f"converter (convert tif) time / raw read time: {median['convert tif'] / median['raw read']:.2f} "
+          f"(target <= 2); with nnU-Net's check {median['+ verify'] / median['raw read']:.2f}; "
+          f"defaults (gzip NIfTI + check) {median['convert nifti'] / median['raw read']:.2f}")
 
 
 def main() -> None:
@@ -129,9 +170,11 @@ def main() -> None:
     parser.add_argument("--slice", type=int, nargs=2, default=(2048, 2048), metavar=("Y", "X"))
     parser.add_argument("--size", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of all modes (default 3)")
+    parser.add_argument("--warm", action="store_true", help="leave the slices in the page cache (default: evict)")
     parser.add_argument("--workdir", help="folder for the temporary data (default: the system temp folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the data and the converted dataset")
-    parser.add_argument("--child", choices=("raw", "stream", "convert"), help=argparse.SUPPRESS)
+    parser.add_argument("--keep", action="store_true", help="keep the data")
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,8 +191,9 @@ def main() -> None:
         start = time.perf_counter()
         write_series(work / "slices", n_slices, tuple(args.slice))
         print(f"wrote the slices to {work / 'slices'} in {time.perf_counter() - start:.1f} s")
-        results = {mode: measure(mode, args, work / "slices", work / "raw") for mode in ("raw", "stream", "convert")}
-        report(args, n_slices, slab, results)
+        rounds = [{mode: measure(mode, args, work / "slices", work / "raw") for mode in MODES}
+                  for _ in range(args.repeats)]
+        report(args, n_slices, slab, rounds)
     finally:
         if args.keep:
             print(f"kept {work}")
