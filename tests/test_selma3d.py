@@ -1,6 +1,7 @@
 """SELMA3D converter: reoriented patches, streamed whole-brain sub-volumes, the Dask path, bad input."""
 
 import argparse
+import itertools
 import json
 import re
 
@@ -219,6 +220,28 @@ def test_no_verify_skips_nnunets_integrity_check(tmp_path, brain, monkeypatch, n
     assert len(list((tmp_path / "raw" / "Dataset003_SELMA3D_vessel" / "labelsTr").iterdir())) == 18  # all 3 x 2 x 3 tiles
 
 
+@pytest.mark.parametrize("file_format", ["nifti", "tif"])
+def test_reused_slab_and_tile_buffers_keep_every_tile_intact(tmp_path, brain, file_format):
+    # all 18 tiles kept over 3 slabs, 2 writer threads: tile buffers are handed back and refilled while others wait
+    folder = selma3d.convert(tmp_path / "raw", 5, "vessel", whole_brain=[brain], spacing=(4, 1, 1), size=TILE,
+                             threshold=-40000, num_workers=2, file_format=file_format, verify=False)
+    volume, ending = brain_volume(), {"nifti": ".nii.gz", "tif": ".tif"}[file_format]
+    for index in itertools.product(range(3), range(2), range(3)):
+        case = "brain00_" + "_".join(f"{a}{i:03d}" for a, i in zip("zyx", index))
+        image = read(folder / "imagesTr" / f"{case}_0000{ending}")[0] if file_format == "nifti" else \
+            tifffile.imread(folder / "imagesTr" / f"{case}_0000{ending}")
+        np.testing.assert_array_equal(image, volume[region(index)])
+
+
+def test_free_list_hands_back_given_arrays_before_allocating():
+    tiles = selma3d._FreeList((2, 3), np.int16)
+    first = tiles.take()
+    assert first.shape == (2, 3) and first.dtype == np.int16
+    tiles.give(first)
+    assert tiles.take() is first
+    assert tiles.take() is not first  # none left: a new one
+
+
 @pytest.mark.parametrize("tiles_per_slab, num_workers, expected", [
     ([(4, 6), (2, 3)], 2, 4),  # half of the smallest slab's 6 tiles is 3: at least 2 per thread
     ([(10, 10), (8, 9)], 2, 36),  # half of min(100, 72) tiles
@@ -254,7 +277,7 @@ def test_distributed_scheduler_gives_the_same_output(tmp_path, brain):
     (40000, [[0, 0], [0, 0]]),  # above int16's range: no wrap-around to negative values
 ])
 def test_per_tile_foreground_counts_compare_in_the_slice_dtype(threshold, expected):
-    plane = np.array([[[-32768, 0], [3, 32767]]], dtype=np.int16)  # one (1, 2, 2) slice, 1 x 1 tiles
+    plane = np.array([[-32768, 0], [3, 32767]], dtype=np.int16)  # one 2 x 2 slice, 1 x 1 tiles
     np.testing.assert_array_equal(selma3d._count_above(plane, 1, 1, threshold), expected)
 
 
@@ -265,8 +288,7 @@ def test_slabs_are_read_lazily_one_at_a_time(tmp_path, monkeypatch, num_workers)
     read_slice = selma3d.read_slice
     monkeypatch.setattr(selma3d, "read_slice", lambda path: reads.append(path.name) or read_slice(path))
     volume = selma3d.scan_slice_folder(folder)
-    selma3d.lazy_volume(volume)
-    assert reads == []  # building the dask array reads nothing
+    assert reads == []  # scanning reads the headers only
     seen_per_slab = {}
     for sub in selma3d.iter_subvolumes(volume, TILE, threshold=-10**6, num_workers=num_workers):
         seen_per_slab.setdefault(sub.index[0], sorted(reads))
