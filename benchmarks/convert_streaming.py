@@ -6,10 +6,12 @@ slice files evicted from the page cache first (a whole brain is larger than RAM,
 from disk; the files are flushed and dropped with posix_fadvise, see ``evict``):
 
   raw read        tifffile.imread of every slice: the read baseline,
-  streaming       selma3d.iter_subvolumes without writing: lazy dask reads, per-tile foreground counts, tile cutting,
+  streaming       selma3d.iter_subvolumes without writing: dask reads into the slab, per-tile counts, tile copies,
   convert tif     selma3d.convert --format tif --no-verify: the streaming pass plus zstd TIFF writing of the kept
                   tiles and their ignore labels and dataset.json (the converter's own work: the target),
-  + verify        the same plus nnU-Net's verify_dataset_integrity, which reads every written file back,
+  raw write       plain writes of as many files and bytes as convert tif wrote (random bytes, no encoding): the
+                  write floor; convert tif / (raw read + raw write) is the converter's own overhead,
+  + verify        convert tif plus nnU-Net's verify_dataset_integrity, which reads every written file back,
   convert nifti   the defaults: gzip NIfTI and nnU-Net's integrity check.
 
 All modes run in ``--repeats`` interleaved rounds (this machine is noisy; medians are reported). Printed: each
@@ -90,11 +92,23 @@ def evict(folder: Path) -> bool:
 
 # Child modes: (file format, nnU-Net's integrity check) of the converter runs.
 CONVERTERS = {"convert tif": ("tif", False), "+ verify": ("tif", True), "convert nifti": ("nifti", True)}
-MODES = ("raw read", "streaming", *CONVERTERS)
+MODES = ("raw read", "streaming", "convert tif", "raw write", "+ verify", "convert nifti")
 
 
-def child(mode: str, folder: Path, out: Path, size: tuple[int, int, int], workers: int) -> dict:
+def child(mode: str, folder: Path, out: Path, size: tuple[int, int, int], workers: int, files: int = 0,
+          nbytes: int = 0) -> dict:
     """One measurement, run in a fresh process: seconds, peak RSS, RSS after imports (+ extra counts)."""
+    if mode == "raw write":
+        target = out / "raw_write"
+        target.mkdir(parents=True)
+        chunk = np.random.default_rng(0).integers(0, 256, nbytes // files, dtype=np.uint8).tobytes()
+        baseline = peak_rss()
+        start = time.perf_counter()
+        for i in range(files):
+            (target / f"{i:06d}.bin").write_bytes(chunk)
+        seconds = time.perf_counter() - start
+        shutil.rmtree(target)
+        return {"seconds": seconds, "peak": peak_rss(), "baseline": baseline}
     if mode == "raw read":
         baseline = peak_rss()
         start = time.perf_counter()
@@ -118,16 +132,19 @@ def child(mode: str, folder: Path, out: Path, size: tuple[int, int, int], worker
                               file_format=file_format, verify=verify)
     seconds = time.perf_counter() - start
     record = json.loads((dataset / "dataset.json").read_text())["selma3d"]["whole_brain"]["brain00"]
-    written = sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file())
+    files = [p for p in dataset.rglob("*") if p.is_file()]
+    written = sum(p.stat().st_size for p in files)
     shutil.rmtree(dataset)
     return {"seconds": seconds, "peak": peak_rss(), "baseline": baseline, "kept": record["kept"],
-            "grid": record["grid"], "written_bytes": written}
+            "grid": record["grid"], "written_bytes": written, "written_files": len(files)}
 
 
-def measure(mode: str, args, folder: Path, out: Path) -> dict:
+def measure(mode: str, args, folder: Path, out: Path, written: dict | None = None) -> dict:
     cold = not args.warm and evict(folder)
     command = [sys.executable, __file__, "--child", mode, "--folder", str(folder), "--out", str(out),
                "--size", *map(str, args.size), "--workers", str(args.workers)]
+    if written is not None:
+        command += ["--files", str(written["written_files"]), "--bytes", str(written["written_bytes"])]
     result = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT)]
     if result.returncode != 0 or not lines:
@@ -148,13 +165,14 @@ def report(args, n_slices: int, slab: int, rounds: list[dict]) -> None:
     print(f"slab: {args.size[0]} slices = {slab} bytes ({slab / mb:.1f} MB)")
     print(f"kept {last['convert tif']['kept']} of {math.prod(last['convert tif']['grid'])} sub-volumes; wrote "
           + ", ".join(f"{last[m]['written_bytes'] / mb:.0f} MB ({m})" for m in ("convert tif", "convert nifti")))
-    print(f"{'process':<15}{'time s':>9}{'all rounds s':>22}{'/ raw read':>12}{'peak RSS MB':>13}"
+    width = 6 * len(rounds) + 4
+    print(f"{'process':<15}{'time s':>9}{'all rounds s':>{width}}{'/ raw read':>12}{'peak RSS MB':>13}"
           f"{'above imports MB':>18}")
     for mode in MODES:
-        times = " ".join(f"{r[mode]['seconds']:.2f}" for r in rounds)
+        times = " ".join(f"{r[mode]['seconds']:5.2f}" for r in rounds)
         peak = max(r[mode]["peak"] for r in rounds)
         above = max(r[mode]["peak"] - r[mode]["baseline"] for r in rounds)
-        print(f"{mode:<15}{median[mode]:>9.2f}{times:>22}{median[mode] / median['raw read']:>12.2f}"
+        print(f"{mode:<15}{median[mode]:>9.2f}{times:>{width}}{median[mode] / median['raw read']:>12.2f}"
               f"{peak / mb:>13.1f}{above / mb:>18.1f}")
     converter = [r["convert tif"] for r in rounds]
     print(f"converter (convert tif) peak RSS / slab: {max(r['peak'] for r in converter) / slab:.2f} absolute, "
@@ -162,6 +180,9 @@ def report(args, n_slices: int, slab: int, rounds: list[dict]) -> None:
     print(f"converter (convert tif) time / raw read time: {median['convert tif'] / median['raw read']:.2f} "
           f"(target <= 2); with nnU-Net's check {median['+ verify'] / median['raw read']:.2f}; "
           f"defaults (gzip NIfTI + check) {median['convert nifti'] / median['raw read']:.2f}")
+    floor = [r["convert tif"]["seconds"] / (r["raw read"]["seconds"] + r["raw write"]["seconds"]) for r in rounds]
+    print(f"converter (convert tif) time / (raw read + raw write) time: {np.median(floor):.2f} "
+          f"(per round: {' '.join(f'{f:.2f}' for f in floor)})")
 
 
 def main() -> None:
@@ -177,9 +198,12 @@ def main() -> None:
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--files", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = child(args.child, Path(args.folder), Path(args.out), tuple(args.size), args.workers)
+        result = child(args.child, Path(args.folder), Path(args.out), tuple(args.size), args.workers, args.files,
+                       args.bytes)
         print(RESULT + json.dumps(result))
         return
     slab = args.size[0] * args.slice[0] * args.slice[1] * 2
@@ -191,8 +215,13 @@ def main() -> None:
         start = time.perf_counter()
         write_series(work / "slices", n_slices, tuple(args.slice))
         print(f"wrote the slices to {work / 'slices'} in {time.perf_counter() - start:.1f} s")
-        rounds = [{mode: measure(mode, args, work / "slices", work / "raw") for mode in MODES}
-                  for _ in range(args.repeats)]
+        rounds = []
+        for _ in range(args.repeats):
+            results = {}
+            for mode in MODES:
+                written = results["convert tif"] if mode == "raw write" else None
+                results[mode] = measure(mode, args, work / "slices", work / "raw", written)
+            rounds.append(results)
         report(args, n_slices, slab, rounds)
     finally:
         if args.keep:
