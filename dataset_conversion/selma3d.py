@@ -31,9 +31,10 @@ Streaming: the slices are processed one slab of ``size[0]`` slices at a time, on
 count its voxels above the threshold per tile); the kept tiles are copied out of the slab and written while the
 next slab is read, so memory is bounded by one slab plus half a slab of tiles waiting to be written, whatever
 the volume size. The slab and the tiles are buffers reused from slab to slab (fresh arrays fault every page in
-again: 0.7-2.7 s of kernel time per 2 GB on the 2-core VM measured, more than reading the slices). With a scheduler address the reads and
-counts run on that Dask cluster (its workers must see the slice files at the same paths and have nnunet_ext
-installed) and send the slices back; writing always happens here, where the dataset folder is.
+again: 0.7-2.7 s of kernel time per 2 GB on the 2-core VM measured, more than reading the slices). With a
+scheduler address the reads and counts run on that Dask cluster (its workers must see the slice files at the
+same paths and have nnunet_ext installed) and send the slices back; writing always happens here, where the
+dataset folder is.
 
 Labels of the whole dataset: background 0, the structure 1, ignore 2 (the highest value, as nnU-Net
 requires). dataset.json records ``spacing`` (z, y, x; the per-axis median over all cases when they differ),
@@ -66,8 +67,8 @@ from nnunet_ext.dataset_conversion.readers import NIFTI_SUFFIXES, list_slices, r
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import raw_output_folder
 from nnunet_ext.raw_dataset import (add_output_arguments, atomic_dataset_folder, check_dataset_id_and_name,
-                                    check_file_format, check_free, copy_written, dataset_folder_name, dataset_json, is_int,
-                                    is_real, verify_raw_dataset, write_image)
+                                    check_file_format, check_free, copy_written, dataset_folder_name, dataset_json,
+                                    is_int, is_real, verify_raw_dataset, write_image)
 
 STRUCTURES = {
     "vessel": ("vessel", "vessels", "bloodvessel", "bloodvessels", "vasculature"),
@@ -529,7 +530,7 @@ def _run_bounded(jobs: Iterable[Callable[[], None]], num_workers: int, max_pendi
 
 def _max_pending(brains: Sequence["_Brain"], num_workers: int) -> int:
     """Queued write jobs: half a slab of tiles of the smallest brain, so that the next slab is read while
-    the queue is written and memory stays under 1.5 slabs (at least 2 jobs per thread)."""
+    the queue is written and memory stays near 1.5 slabs (at least 2 jobs per thread)."""
     tiles_per_slab = [b.grid.counts[1] * b.grid.counts[2] for b in brains]
     return max(2 * num_workers, min(tiles_per_slab, default=0) // 2)
 
@@ -670,8 +671,8 @@ def convert(out_dir, dataset_id: int, structure: str, patches=None, whole_brain:
         name: dataset name (default ``SELMA3D_<structure>``).
         file_format: ``nifti`` (.nii.gz) or ``tif`` (Tiff3DIO .tif + spacing .json; zstd: ~7x faster to write).
         verify: run nnU-Net's integrity check on the written dataset. It reads every file back, which for whole
-            brains costs about as much as the conversion; ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity``
-            runs the same check.
+            brains takes about twice as long as the conversion itself (benchmarks/convert_streaming.py);
+            ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity`` runs the same check.
     Returns:
         The dataset folder: imagesTr/<case>_0000 (patches: stored dtype; brains: slice dtype), labelsTr/<case>
         (uint8: 0/1 for patches, all 2 for brain sub-volumes), dataset.json.

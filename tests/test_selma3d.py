@@ -217,7 +217,8 @@ def test_no_verify_skips_nnunets_integrity_check(tmp_path, brain, monkeypatch, n
                               "--workers", "1", "--out", str(tmp_path / "raw"), *no_verify])
     args.func(args)
     assert len(calls) == checked
-    assert len(list((tmp_path / "raw" / "Dataset003_SELMA3D_vessel" / "labelsTr").iterdir())) == 18  # all 3 x 2 x 3 tiles
+    labels = tmp_path / "raw" / "Dataset003_SELMA3D_vessel" / "labelsTr"
+    assert len(list(labels.iterdir())) == 18  # all 3 x 2 x 3 tiles
 
 
 @pytest.mark.parametrize("file_format", ["nifti", "tif"])
