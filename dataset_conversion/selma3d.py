@@ -66,9 +66,10 @@ import tifffile
 from nnunet_ext.dataset_conversion.readers import NIFTI_SUFFIXES, list_slices, read_nifti, read_slice
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import raw_output_folder
-from nnunet_ext.raw_dataset import (add_output_arguments, atomic_dataset_folder, check_dataset_id_and_name,
-                                    check_file_format, check_free, copy_written, dataset_folder_name, dataset_json,
-                                    is_int, is_real, verify_raw_dataset, write_image)
+from nnunet_ext.raw_dataset import (FILE_ENDINGS, add_output_arguments, atomic_dataset_folder,
+                                    check_dataset_id_and_name, check_file_format, check_free, copy_label,
+                                    dataset_folder_name, dataset_json, is_int, is_real, verify_raw_dataset,
+                                    write_image)
 
 STRUCTURES = {
     "vessel": ("vessel", "vessels", "bloodvessel", "bloodvessels", "vasculature"),
@@ -546,7 +547,7 @@ def _write_brain_case(folder: Path, case: str, image: np.ndarray, label_template
     write_image(image, folder / "imagesTr" / case, spacing, file_format, channel=0)
     reuse(image)
     if label_template is not None:
-        copy_written(label_template, folder / "labelsTr" / case, file_format)
+        copy_label(label_template, folder / "labelsTr" / case, FILE_ENDINGS[file_format])
 
 
 def _write_patch(folder: Path, pair: PatchPair, file_format: str) -> None:

@@ -162,11 +162,12 @@ def write_image(array: np.ndarray, stem: Path, spacing: Sequence[float], file_fo
     return path
 
 
-def copy_written(source_stem: Path, target_stem: Path, file_format: str) -> None:
-    """Copy a file ``write_image`` wrote without a channel (a label) to another case, with its spacing JSON for TIFF."""
-    suffixes = (FILE_ENDINGS[file_format], ".json") if file_format == "tif" else (FILE_ENDINGS[file_format],)
-    for suffix in suffixes:
-        shutil.copyfile(f"{source_stem}{suffix}", f"{target_stem}{suffix}")
+def copy_label(source_stem: Path, target_stem: Path, ending: str) -> None:
+    """Byte-identical copy of the label file ``<source_stem><ending>`` and, for TIFF, its Tiff3DIO spacing JSON."""
+    shutil.copyfile(f"{source_stem}{ending}", f"{target_stem}{ending}")
+    spacing = Path(f"{source_stem}.json")
+    if ending == FILE_ENDINGS["tif"] and spacing.is_file():  # without one nnU-Net assumes spacing 1
+        shutil.copyfile(spacing, f"{target_stem}.json")
 
 
 def dataset_json(name: str, channel_names: dict, labels: dict, num_training: int, file_format: str = "nifti",

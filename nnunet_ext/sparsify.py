@@ -30,7 +30,7 @@ import tifffile
 from nnunet_ext.dataset_conversion.readers import read_nifti, read_tiff
 from nnunet_ext.errors import UserError
 from nnunet_ext.raw_dataset import FILE_ENDINGS, check_free, dataset_folder_name, verify_raw_dataset, write_image
-from nnunet_ext.raw_dataset import atomic_dataset_folder
+from nnunet_ext.raw_dataset import atomic_dataset_folder, copy_label
 from nnunet_ext.raw_dataset import add_output_arguments, check_axis, check_dataset_id_and_name, check_seed
 from nnunet_ext.synth import annotated_slices, sparsify
 
@@ -160,14 +160,6 @@ def _write_label(array: np.ndarray, target_without_ending: Path, spacing: Sequen
     sitk.WriteImage(image, f"{target_without_ending}{ending}", useCompression=True)
 
 
-def _copy_label(source: Path, target_folder: Path, case: str, ending: str) -> None:
-    """Byte-identical copy of a label file (and its TIFF spacing JSON)."""
-    shutil.copy2(source / "labelsTr" / f"{case}{ending}", target_folder / f"{case}{ending}")
-    aux = source / "labelsTr" / f"{case}.json"
-    if ending == ".tif" and aux.is_file():
-        shutil.copy2(aux, target_folder / aux.name)
-
-
 # --------------------------------------------------------------------------------------------- planning
 
 
@@ -218,7 +210,7 @@ def _write_cases(folder: Path, source: Path, plan: dict[str, dict], ending: str,
         dense = dense.astype(np.result_type(dense.dtype, np.min_scalar_type(ignore)), copy=False)
         _write_label(sparsify(dense, axis, entry["train"], ignore), folder / "labelsTr" / case, entry["spacing"],
                      ending, reference)
-        _copy_label(source, folder / DENSE_FOLDER, case, ending)
+        copy_label(source / "labelsTr" / case, folder / DENSE_FOLDER / case, ending)
         if holding_out:
             _write_label(sparsify(dense, axis, entry["held"], ignore), folder / HOLDOUT_FOLDER / case,
                          entry["spacing"], ending, reference)
