@@ -421,18 +421,18 @@ def _count_above(plane: np.ndarray, tile_y: int, tile_x: int, threshold: float) 
     return counts
 
 
-def _read_into(path: Path, shape: tuple[int, int], dtype: np.dtype, out: np.ndarray, tile_y: int, tile_x: int,
-               threshold: float) -> np.ndarray:
-    """Read one slice into ``out`` (its plane of the slab buffer, whole tiles only); return its per-tile counts."""
-    out[...] = _read_checked(path, shape, dtype)[:out.shape[0], :out.shape[1]]
-    return _count_above(out, tile_y, tile_x, threshold)
-
-
 def _read_cropped(path: Path, shape: tuple[int, int], dtype: np.dtype, rows: int, cols: int, tile_y: int,
                   tile_x: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """One slice cropped to its whole tiles, and its per-tile counts (on a Dask cluster, which cannot fill our slab)."""
     plane = _read_checked(path, shape, dtype)[:rows, :cols]
     return plane, _count_above(plane, tile_y, tile_x, threshold)
+
+
+def _read_into(path: Path, shape: tuple[int, int], dtype: np.dtype, out: np.ndarray, tile_y: int, tile_x: int,
+               threshold: float) -> np.ndarray:
+    """Read one slice into ``out`` (its plane of the slab buffer, whole tiles only); return its per-tile counts."""
+    out[...], counts = _read_cropped(path, shape, dtype, *out.shape, tile_y, tile_x, threshold)
+    return counts
 
 
 def _read_slab(volume: SliceVolume, grid: TileGrid, iz: int, slab: np.ndarray, threshold: float,
