@@ -439,6 +439,13 @@ def test_consistency_threshold_and_temperature():
     assert passed.item() == 1.0
 
 
+def test_consistency_filter_on_the_raw_teacher_probability():
+    # Sharpened, v0 (9/10) and v3 (16/17) pass 0.79; raw, v0 (3/4) fails and v3 (4/5) passes. The target stays sharpened.
+    loss, passed = sharpened_consistency_loss(STUDENT, TEACHER, MASK, threshold=0.79, confidence_temperature=1.0)
+    assert loss.item() == pytest.approx(KL_V3, rel=1e-5)
+    assert passed.item() == pytest.approx(1 / 3)
+
+
 @pytest.mark.parametrize("mask, threshold", [
     (torch.zeros(1, 1, 1, 4, dtype=torch.bool), 0.8),   # all labeled: fraction 0 / 0 -> 0
     (MASK, 1.0),                                        # unlabeled voxels, none confident enough: 0 / 3
@@ -465,6 +472,7 @@ def test_consistency_half_precision_computes_in_float32():
     (STUDENT, TEACHER, MASK[..., :3], {}, ValueError),
     (STUDENT[0], TEACHER[0], MASK[0], {}, ValueError),
     (STUDENT, TEACHER, MASK, dict(temperature=0.0), ValueError),
+    (STUDENT, TEACHER, MASK, dict(confidence_temperature=0.0), ValueError),
     (STUDENT, TEACHER, MASK, dict(threshold=1.5), ValueError),
     (STUDENT, TEACHER, MASK, dict(threshold=-0.1), ValueError),
     (STUDENT, TEACHER, MASK.float(), {}, TypeError),

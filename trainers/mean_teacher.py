@@ -16,6 +16,7 @@ from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer, firs
 
 # Label volumes read to infer the annotation axis when dataset.json does not record it.
 AXIS_INFERENCE_CASES = 5
+PERTURBED_NETWORKS = ("student", "teacher", "none")
 
 
 class MeanTeacherTrainer(SemiSupervisedTrainer):
@@ -24,10 +25,15 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
     ema_alpha: float = 0.999
     temperature: float = 0.5
     confidence_threshold: float = 0.8
+    # Temperature of the teacher probability the threshold is applied to; None: the sharpened target's (the paper).
+    confidence_temperature: float | None = None
     consistency_weight: float = 10.0
     continuity_weight: float = 0.0
     rampup_fraction: float = 0.2  # of all epochs
     strong_perturbation: StrongIntensityPerturbation = StrongIntensityPerturbation()
+    # Which network's input gets strong_perturbation: "student" (the paper: the supervised loss sees it too),
+    # "teacher" (the student and its supervised loss see nnU-Net's batch as stock does), or "none".
+    perturbed_network: str = "student"
     ssl_log_keys = ("loss_sup", "loss_cons", "loss_cont", "lambda_cons", "lambda_cont", "passed_fraction")
 
     def initialize(self):
@@ -36,12 +42,16 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         self.teacher = EMATeacher(unwrap(self.network), self.ema_alpha)
         self.teacher.module.eval()  # the teacher only ever predicts
         self.continuity_axis = self._continuity_axis() if self.continuity_weight > 0 else None
+        if self.perturbed_network not in PERTURBED_NETWORKS:
+            raise RuntimeError(f"{type(self).__name__}: perturbed_network must be one of {PERTURBED_NETWORKS}, got "
+                               f"{self.perturbed_network!r}; fix the class attribute in your trainer variant")
 
     def hyperparameters(self) -> dict:
         return {**super().hyperparameters(), "ema_alpha": self.ema_alpha, "temperature": self.temperature,
-                "confidence_threshold": self.confidence_threshold, "consistency_weight": self.consistency_weight,
+                "confidence_threshold": self.confidence_threshold,
+                "confidence_temperature": self.confidence_temperature, "consistency_weight": self.consistency_weight,
                 "continuity_weight": self.continuity_weight, "rampup_fraction": self.rampup_fraction,
-                "strong_perturbation": repr(self.strong_perturbation)}
+                "strong_perturbation": repr(self.strong_perturbation), "perturbed_network": self.perturbed_network}
 
     def _continuity_axis(self) -> int:
         """The annotation axis as an axis of the training patch (preprocessed order), logged with its source."""
@@ -76,17 +86,20 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         unlabeled = unlabeled_mask(first_output(target), self.label_manager.ignore_label)
         lambda_cons, lambda_cont = self.ramp_weights()
 
-        student_input = self.strong_perturbation(data)  # intensity-only: teacher and student stay voxel-aligned
+        # Intensity-only: teacher and student stay voxel-aligned.
+        student_input = self.strong_perturbation(data) if self.perturbed_network == "student" else data
+        teacher_input = self.strong_perturbation(data) if self.perturbed_network == "teacher" else data
 
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             with torch.no_grad():
-                teacher_logits = first_output(self.teacher.module(data))
+                teacher_logits = first_output(self.teacher.module(teacher_input))
             output = self.network(student_input)
             loss_sup = self.loss(output, target)
             student_logits = first_output(output)
             loss_cons, passed_fraction = sharpened_consistency_loss(
-                student_logits, teacher_logits, unlabeled, self.temperature, self.confidence_threshold)
+                student_logits, teacher_logits, unlabeled, self.temperature, self.confidence_threshold,
+                self.confidence_temperature)
             loss = loss_sup + lambda_cons * loss_cons
             loss_cont = torch.zeros((), device=self.device)
             if self.continuity_axis is not None:

@@ -12,11 +12,13 @@ def sharpened_consistency_loss(
     mask: torch.Tensor,
     temperature: float = 0.5,
     threshold: float = 0.8,
+    confidence_temperature: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-Teacher consistency on unlabeled voxels: KL(sharpened teacher || student), confident voxels only.
 
     The target is ``softmax(teacher_logits / temperature)`` over the class dim. A voxel counts when ``mask`` is True
-    there and the target's max over classes is >= ``threshold``. The loss is the mean over counted voxels of
+    there and the teacher's confidence, the max over classes of ``softmax(teacher_logits / confidence_temperature)``
+    (by default the target itself), is >= ``threshold``. The loss is the mean over counted voxels of
     ``sum_c target_c * (log target_c - log_softmax(student_logits)_c)``, computed in float32.
 
     Args:
@@ -24,7 +26,9 @@ def sharpened_consistency_loss(
         teacher_logits: same shape as ``student_logits``; detached here, so no gradient reaches the teacher.
         mask: (B, 1, *spatial) bool, True = unlabeled (see ``unlabeled_mask``).
         temperature: > 0; below 1 sharpens the teacher distribution.
-        threshold: in [0, 1]; minimum max-probability of the sharpened target for a voxel to count.
+        threshold: in [0, 1]; minimum confidence for a voxel to count.
+        confidence_temperature: > 0 or None (= ``temperature``); 1 filters on the teacher's raw probability, which
+            sharpening would inflate (with 2 classes and T = 0.5 a raw 0.67 becomes 0.8).
 
     Returns:
         ``(loss, passed_fraction)``: ``loss`` is a float32 scalar with a gradient to ``student_logits`` (0.0, still
@@ -32,7 +36,7 @@ def sharpened_consistency_loss(
         voxels / unlabeled voxels (0.0 when no voxel is unlabeled). Neither forces a device synchronisation.
 
     Raises:
-        ValueError: on mismatched logits shapes, a mask that is not (B, 1, *spatial), ``temperature <= 0`` or
+        ValueError: on mismatched logits shapes, a mask that is not (B, 1, *spatial), a temperature <= 0 or
             ``threshold`` outside [0, 1].
         TypeError: when ``mask`` is not bool.
     """
@@ -41,8 +45,11 @@ def sharpened_consistency_loss(
         raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} and student_logits "
                          f"{tuple(student_logits.shape)} must have the same shape")
     check_voxel_mask("mask", mask, student_logits)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if confidence_temperature is None:
+        confidence_temperature = temperature
+    for name, value in (("temperature", temperature), ("confidence_temperature", confidence_temperature)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
 
@@ -50,7 +57,9 @@ def sharpened_consistency_loss(
     log_student = F.log_softmax(student_logits.float(), dim=1)
     # xlogy: a target probability of exactly 0 contributes 0, not 0 * log 0 = nan.
     kl = (torch.xlogy(target, target) - target * log_student).sum(dim=1, keepdim=True)
-    counted = mask & (target.amax(dim=1, keepdim=True) >= threshold)
+    confidence = (target if confidence_temperature == temperature else
+                  torch.softmax(teacher_logits.detach().float() / confidence_temperature, dim=1))
+    counted = mask & (confidence.amax(dim=1, keepdim=True) >= threshold)
     n_counted = counted.sum()
     # where() instead of indexing keeps the shape static (no sync) and yields 0.0 with a grad_fn when nothing counts.
     loss = torch.where(counted, kl, 0.0).sum() / n_counted.clamp_min(1)
