@@ -25,20 +25,21 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_ext.benchmark_data import RECIPES, Sparsity, write_dense, write_sparse_dataset
+from nnunet_ext.benchmark_data import BUILT_IN_RECIPES, DENSE, RECIPES, Sparsity, check_data, write_dense
+from nnunet_ext.benchmark_data import write_sparse_dataset
 from nnunet_ext.demo import EPOCH_LINE, PREDICT_LINE, demo_environment, nnunet_command, run_logged
 from nnunet_ext.demo import training_environment
 from nnunet_ext.errors import UserError
 from nnunet_ext.evaluation import MEAN, evaluate_folder, write_results
 from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR
-from nnunet_ext.plans import TINY_PLANS
+from nnunet_ext.plans import ATTENTION_SUFFIX, TINY_PLANS
 
 REFERENCE = "nnUNetTrainer"
 SETTINGS_FILE = "benchmark.json"
@@ -48,27 +49,45 @@ FIRST_DATASET_ID = 100
 # The flagship, with the EMA decay of short budgets (MeanTeacherTrainer_ema99); with stock, the default fits an hour
 # of a 2-core CPU on the synth recipe.
 DEFAULT_TRAINERS = ("MeanTeacherContinuityTrainer_ema99",)
+# Budget of recipes whose converged budget has not been measured (--dense datasets): run `benchmark converge`.
+FALLBACK_EPOCHS, FALLBACK_ITERATIONS = 50, 50
+ATTENTION = "attention"  # the arm's plans: `nnunet-ext plans attention` of the benchmark's base plans
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 # Settings a resumed benchmark must share with the runs already in its folder.
-FIXED_SETTINGS = ("recipe", "data", "epochs", "iterations", "plans", "configuration", "device")
+FIXED_SETTINGS = ("recipe", "data", "test_cases", "epochs", "iterations", "plans", "configuration",
+                  "attention_stages", "device")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One benchmark arm: a trainer on a configuration and a plans ("" = the benchmark's base plans)."""
+
+    trainer: str
+    configuration: str
+    plans: str
 
 
 @dataclass
 class BenchmarkSettings:
     recipe: str = "synth"
-    data: str | None = None
+    data: str | None = None  # the recipe's data folder; for the dense recipe the dataset folder
     trainers: list[str] = field(default_factory=lambda: list(DEFAULT_TRAINERS))
     sparsities: list[str] | None = None  # None: the recipe's defaults
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 50
-    iterations: int = 50
+    epochs: int | None = None  # None: the recipe's converged budget (FALLBACK_* where not measured)
+    iterations: int | None = None
     plans: str = "tiny"  # "tiny": derive nnUNetPlans_tiny; else an existing plans identifier, e.g. nnUNetPlans
     configuration: str = "3d_fullres"
     device: str = "cpu"
     topology: bool = True
+    test_cases: int | None = None  # dense recipe without labelsTs: cases held out (None: every third)
+    attention_stages: int = 2  # `plans attention --stages` of the @attention arms
+    reference_2d: bool = True  # stock nnU-Net's 2d configuration as a reference arm
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
-            raise UserError(f"unknown recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}")
+            raise UserError(f"unknown recipe {self.recipe!r}: choose one of {', '.join(BUILT_IN_RECIPES)}, or pass "
+                            f"--dense DATASET")
         recipe = RECIPES[self.recipe]
         if recipe.needs_data and self.data is None:
             raise UserError(f"the {self.recipe} recipe needs its data folder: pass --data ../shared/data/{self.recipe}")
@@ -77,44 +96,101 @@ class BenchmarkSettings:
         self.sparsities = list(self.sparsities or recipe.default_sparsities)
         for level in self.sparsities:
             Sparsity.parse(level)  # a bad level fails before anything runs
-        for name, value in (("--epochs", self.epochs), ("--iterations", self.iterations)):
+        if self.epochs is None:
+            self.epochs = recipe.converged_epochs or FALLBACK_EPOCHS
+        if self.iterations is None:
+            self.iterations = recipe.converged_iterations or FALLBACK_ITERATIONS
+        for name, value in (("--epochs", self.epochs), ("--iterations", self.iterations),
+                            ("--attention-stages", self.attention_stages)):
             if value < 1:
                 raise UserError(f"invalid {name} {value}: give a positive number")
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise UserError(f"invalid --seeds {self.seeds}: give distinct non-negative integers, e.g. 0 1 2")
-        self.trainers = self._with_prerequisites([REFERENCE] + [t for t in dict.fromkeys(self.trainers)
-                                                                if t != REFERENCE])
+        references = [REFERENCE] + ([f"{REFERENCE}@2d"] if self.reference_2d and self.configuration != "2d" else [])
+        self.trainers = self._with_prerequisites(references + list(self.trainers))
+        if recipe.needs_data:
+            check_data(self.recipe, Path(self.data), self.test_cases)  # before anything is written
+
+    @property
+    def budget_measured(self) -> bool:
+        """Whether the recipe's default budget comes from a convergence measurement."""
+        return RECIPES[self.recipe].converged_epochs is not None
+
+    def parse_arm(self, arm: str) -> Arm:
+        """``TRAINER[@CONFIGURATION][@PLANS]``; a single ``@X`` is plans when X is ``attention`` or names plans."""
+        parts = arm.split("@")
+        if len(parts) > 3 or not parts[0] or (len(parts) > 1 and not parts[-1]):
+            raise UserError(f"invalid trainer {arm!r}: write TRAINER, TRAINER@CONFIGURATION, TRAINER@PLANS or "
+                            f"TRAINER@CONFIGURATION@PLANS, e.g. nnUNetTrainer@2d or MeanTeacherTrainer@attention")
+        trainer, rest = parts[0], parts[1:]
+        if len(rest) == 1 and (rest[0] == ATTENTION or "plans" in rest[0].lower()):
+            rest = ["", rest[0]]
+        configuration = (rest[0] if rest else "") or self.configuration
+        plans = rest[1] if len(rest) > 1 else ""
+        if configuration not in CONFIGURATIONS:
+            raise UserError(f"invalid trainer {arm!r}: unknown configuration {configuration!r} (one of "
+                            f"{', '.join(CONFIGURATIONS)}); plans go last, e.g. {trainer}@3d_fullres@{plans or 'attention'}")
+        return Arm(trainer, configuration, "" if plans == self.plans_identifier else plans)
+
+    def arm_name(self, arm: Arm) -> str:
+        """The canonical text of an arm: the benchmark's configuration and base plans are left out."""
+        name = arm.trainer
+        if arm.configuration != self.configuration:
+            name += f"@{arm.configuration}"
+        if arm.plans:
+            recognisable = arm.plans == ATTENTION or "plans" in arm.plans.lower()
+            name += f"@{arm.plans}" if recognisable or arm.configuration != self.configuration else f"@@{arm.plans}"
+        return name
 
     def _with_prerequisites(self, arms: list[str]) -> list[str]:
-        """``arms`` checked, each pseudo-label trainer preceded by the stock arm of its source configuration."""
+        """``arms`` checked and canonical, without repeats, each with the stock arms it is compared with or needs:
+        stock on its plans (the paired reference), and for a pseudo-label trainer the stock arm it learns from."""
         from nnunet_ext.speed import find_trainer_class
         from nnunet_ext.trainers.pseudo_label import PseudoLabelWeightedTrainer
 
         ordered = []
-        for arm in arms:
-            trainer, configuration = self.split_arm(arm)
-            if configuration == "" or "@" in configuration:
-                raise UserError(f"invalid trainer {arm!r}: write TRAINER or TRAINER@CONFIGURATION, e.g. "
-                                f"nnUNetTrainer@2d")
+        for text in arms:
+            arm = self.parse_arm(text)
             # An unknown name fails here, not inside nnU-Net's trainer search.
-            trainer_class = find_trainer_class(trainer, search_ext_folders=False)
+            trainer_class = find_trainer_class(arm.trainer, search_ext_folders=False)
+            needed = [Arm(REFERENCE, self.configuration, arm.plans)]
             if issubclass(trainer_class, PseudoLabelWeightedTrainer):
-                source = f"{REFERENCE}@{trainer_class.pseudo_label_source}"
-                if source not in ordered:
-                    ordered.append(source)
-            if arm not in ordered:
-                ordered.append(arm)
+                needed.append(Arm(REFERENCE, trainer_class.pseudo_label_source, arm.plans))
+            for name in map(self.arm_name, needed + [arm]):
+                if name not in ordered:
+                    ordered.append(name)
         return ordered
 
     def split_arm(self, arm: str) -> tuple[str, str]:
-        """``TRAINER@CONFIGURATION`` (or ``TRAINER``: the benchmark's configuration) -> (trainer, configuration)."""
-        trainer, _, configuration = arm.partition("@")
-        return trainer, (configuration if _ else self.configuration)
+        """An arm's (trainer, configuration)."""
+        parsed = self.parse_arm(arm)
+        return parsed.trainer, parsed.configuration
+
+    def arm_plans(self, arm: str) -> str:
+        """The plans identifier an arm trains with."""
+        plans = self.parse_arm(arm).plans
+        if plans == ATTENTION:
+            return self.plans_identifier + ATTENTION_SUFFIX
+        return plans or self.plans_identifier
+
+    def reference_of(self, arm: str) -> str | None:
+        """The stock arm ``arm`` is paired with: stock on the same plans (stock on other plans: stock on the base
+        plans, which shows what the network alone changes); None for stock on the base plans."""
+        parsed = self.parse_arm(arm)
+        same_plans = self.arm_name(Arm(REFERENCE, self.configuration, parsed.plans))
+        if arm != same_plans:
+            return same_plans
+        return None if not parsed.plans else REFERENCE
 
     @property
     def configurations(self) -> list[str]:
         """Every configuration an arm trains, the benchmark's own first."""
         return list(dict.fromkeys([self.configuration] + [self.split_arm(a)[1] for a in self.trainers]))
+
+    @property
+    def derived_plans(self) -> list[str]:
+        """Plans of arms other than the base plans (attention or existing identifiers)."""
+        return list(dict.fromkeys(self.parse_arm(a).plans for a in self.trainers if self.parse_arm(a).plans))
 
     @property
     def sparsity_levels(self) -> list[Sparsity]:
@@ -124,9 +200,9 @@ class BenchmarkSettings:
     def plans_identifier(self) -> str:
         return TINY_PLANS if self.plans == "tiny" else self.plans
 
-    def bench_name(self, arm: str) -> str:
+    def bench_name(self, arm: str, epochs: int | None = None) -> str:
         """The generated budget variant of an arm's trainer, which its runs train."""
-        return f"{self.split_arm(arm)[0]}_bench{self.epochs}x{self.iterations}"
+        return f"{self.split_arm(arm)[0]}_bench{epochs or self.epochs}x{self.iterations}"
 
 
 # --------------------------------------------------------------------------------------------- folder and state
@@ -135,20 +211,22 @@ class BenchmarkSettings:
 class BenchmarkFolder:
     """The ``--out`` folder: settings, dataset ids, nnU-Net folders, generated trainers, runs and summary."""
 
-    def __init__(self, root: Path, settings: BenchmarkSettings):
+    def __init__(self, root: Path, settings: BenchmarkSettings, converge: bool = False):
         self.root = Path(root).expanduser().resolve()
         self.settings = settings
+        self.converge = converge  # a convergence study: one folder, several budgets (epochs) of stock nnU-Net
         self.state = self._load_or_create()
         self.env = demo_environment(self.root)
         self.env[EXT_TRAINER_VAR] = os.pathsep.join([str(self.trainer_folder), self.env[EXT_TRAINER_VAR]])
 
     def _load_or_create(self) -> dict:
         settings_file = self.root / SETTINGS_FILE
-        fixed = {key: getattr(self.settings, key) for key in FIXED_SETTINGS}
+        fixed = {key: getattr(self.settings, key) for key in FIXED_SETTINGS if not (self.converge and key == "epochs")}
+        fixed["kind"] = "converge" if self.converge else "benchmark"
         if settings_file.is_file():
             state = json.loads(settings_file.read_text())
-            differing = [f"{k}: {state['fixed'].get(k)!r} there, {v!r} now" for k, v in fixed.items()
-                         if state["fixed"].get(k) != v]
+            differing = [f"{k}: {state['fixed'].get(k, v if k == 'kind' else None)!r} there, {v!r} now"
+                         for k, v in fixed.items() if state["fixed"].get(k, v if k == "kind" else None) != v]
             if differing:
                 raise UserError(f"{self.root} holds a benchmark with other settings ({'; '.join(differing)}): "
                                 f"rerun with those settings to resume it, or pass a new --out")
@@ -183,7 +261,9 @@ class BenchmarkFolder:
         return datasets[key]
 
     def run_folder(self, sparsity: Sparsity, seed: int, trainer: str) -> Path:
-        return self.root / "runs" / sparsity.label / f"seed{seed}" / trainer
+        """One run's folder; a convergence study keeps one per budget (named by the budget variant)."""
+        name = self.settings.bench_name(trainer) if self.converge else trainer
+        return self.root / "runs" / sparsity.label / f"seed{seed}" / name
 
     def results(self, seed: int) -> Path:
         """One seed's nnUNet_results: seeds may share a dataset, and each must train its own models."""
@@ -192,18 +272,20 @@ class BenchmarkFolder:
     def seed_environment(self, seed: int) -> dict:
         return dict(self.env, nnUNet_results=str(self.results(seed)))
 
-    def write_trainer_module(self, trainers: list[str]) -> None:
-        """The budget variants nnU-Net finds through ``nnUNet_extTrainer`` (this folder comes first)."""
+    def write_trainer_module(self, trainers: list[str], epochs: list[int] | None = None) -> None:
+        """The budget variants nnU-Net finds through ``nnUNet_extTrainer`` (this folder comes first): every trainer
+        of ``trainers`` (arms) at each of ``epochs`` (default: the benchmark's budget)."""
         s = self.settings
-        lines = [f'"""Generated by nnunet-ext benchmark: the compared trainers on one budget ({s.epochs} epochs x '
-                 f'{s.iterations} iterations)."""', "",
+        epochs = epochs or [s.epochs]
+        lines = [f'"""Generated by nnunet-ext benchmark: the compared trainers at {", ".join(map(str, epochs))} epochs '
+                 f'x {s.iterations} iterations."""', "",
                  "from nnunet_ext.speed import find_trainer_class",
                  "from nnunet_ext.trainers.budget import budget_variant", ""]
         val_iterations = max(1, math.ceil(s.iterations / 10))
-        for trainer in dict.fromkeys(s.split_arm(arm)[0] for arm in trainers):
-            lines.append(f"{s.bench_name(trainer)} = budget_variant(find_trainer_class({trainer!r}, "
-                         f"search_ext_folders=False), {s.bench_name(trainer)!r}, {s.epochs}, {s.iterations}, "
-                         f"{val_iterations}, __name__)")
+        for trainer, budget in product(dict.fromkeys(s.split_arm(arm)[0] for arm in trainers), epochs):
+            name = s.bench_name(trainer, budget)
+            lines.append(f"{name} = budget_variant(find_trainer_class({trainer!r}, search_ext_folders=False), "
+                         f"{name!r}, {budget}, {s.iterations}, {val_iterations}, __name__)")
         self.trainer_folder.mkdir(exist_ok=True)
         (self.trainer_folder / f"{TRAINER_MODULE}.py").write_text("\n".join(lines) + "\n")
 
@@ -231,13 +313,15 @@ def prepare_dataset(folder: BenchmarkFolder, sparsity: Sparsity, seed: int) -> P
                        folder.env, folder.root / "logs" / f"preprocess_{key}.log", leave=False)
             prepared["configurations"] += missing
             marker.write_text(json.dumps(prepared) + "\n")
+        _derive_plans(folder, dataset_id, key)
         return folder.raw / prepared["dataset"]
     dense = None
     if RECIPES[s.recipe].needs_data:
         dense_key = f"{s.recipe}_dense"
         dense = _existing_dataset(folder.raw, folder.dataset_id(dense_key))
         if dense is None:
-            dense = write_dense(s.recipe, Path(s.data), folder.raw, folder.dataset_id(dense_key), _name(dense_key))
+            dense = write_dense(s.recipe, Path(s.data), folder.raw, folder.dataset_id(dense_key), _name(dense_key),
+                                s.test_cases)
     for base in (folder.raw, folder.root / "nnUNet_preprocessed"):  # left by an interrupted preparation
         stale = _existing_dataset(base, dataset_id)
         if stale is not None:
@@ -254,10 +338,28 @@ def prepare_dataset(folder: BenchmarkFolder, sparsity: Sparsity, seed: int) -> P
         run_logged(f"plans tiny {dataset_id}", [sys.executable, "-m", "nnunet_ext.cli", "plans", "tiny", "-d",
                                                 str(dataset_id)], folder.env, logs / f"plans_tiny_{key}.log",
                    leave=False)
+    _derive_plans(folder, dataset_id, key)
     marker.parent.mkdir(exist_ok=True)
     marker.write_text(json.dumps({"dataset": raw.name, "sparsity": sparsity.label, "seed": seed,
                                   "configurations": s.configurations}) + "\n")
     return raw
+
+
+def _derive_plans(folder: BenchmarkFolder, dataset_id: int, key: str) -> None:
+    """The plans of the arms besides the base plans: attention derived from the base plans, others must exist."""
+    s = folder.settings
+    preprocessed = _existing_dataset(folder.root / "nnUNet_preprocessed", dataset_id)
+    for plans in s.derived_plans:
+        identifier = s.plans_identifier + ATTENTION_SUFFIX if plans == ATTENTION else plans
+        if (preprocessed / f"{identifier}.json").is_file():
+            continue
+        if plans != ATTENTION:
+            raise UserError(f"plans {identifier!r} of an arm do not exist for dataset {preprocessed.name}: use "
+                            f"@attention or plans that nnUNetv2_plan_and_preprocess writes (e.g. nnUNetPlans)")
+        run_logged(f"plans attention {dataset_id}",
+                   [sys.executable, "-m", "nnunet_ext.cli", "plans", "attention", "-d", str(dataset_id),
+                    "-p", s.plans_identifier, "--stages", str(s.attention_stages)],
+                   folder.env, folder.root / "logs" / f"plans_attention_{key}.log", leave=False)
 
 
 def _name(key: str) -> str:
@@ -276,7 +378,7 @@ def _existing_dataset(base: Path, dataset_id: int) -> Path | None:
 def _fold_folder(folder: BenchmarkFolder, raw: Path, arm: str, seed: int) -> Path:
     s = folder.settings
     return (folder.results(seed) / raw.name /
-            f"{s.bench_name(arm)}__{s.plans_identifier}__{s.split_arm(arm)[1]}" / f"fold_{FOLD}")
+            f"{s.bench_name(arm)}__{s.arm_plans(arm)}__{s.split_arm(arm)[1]}" / f"fold_{FOLD}")
 
 
 def _dataset_id(raw: Path) -> str:
@@ -296,7 +398,7 @@ def ensure_pseudolabels(folder: BenchmarkFolder, raw: Path, arm: str, seed: int,
     source = f"{REFERENCE}@{trainer_class.pseudo_label_source}"
     run_logged(f"pseudolabels {arm}", [sys.executable, "-m", "nnunet_ext.cli", "pseudolabels", "-d", _dataset_id(raw),
                                        "--from", trainer_class.pseudo_label_source, "-tr", s.bench_name(source),
-                                       "-p", s.plans_identifier, "-f", FOLD, "--to", configuration,
+                                       "-p", s.arm_plans(arm), "-f", FOLD, "--to", configuration,
                                        "-device", s.device], folder.seed_environment(seed), log, leave=False)
 
 
@@ -315,7 +417,7 @@ def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, t
         if not resume:
             ensure_pseudolabels(folder, raw, trainer, seed, run / "pseudolabels.log")
         run_logged(f"train {trainer}", [nnunet_command("nnUNetv2_train"), dataset_id, configuration, FOLD,
-                                        "-tr", name, "-p", s.plans_identifier, "-device", s.device, *resume],
+                                        "-tr", name, "-p", s.arm_plans(trainer), "-device", s.device, *resume],
                    training_environment(env), run / "train.log", progress=EPOCH_LINE, total=s.epochs,
                    leave=False)
     test_predictions = run / "test_predictions"
@@ -323,7 +425,7 @@ def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, t
     cases = len(list((raw / "labelsTs").iterdir()))
     run_logged(f"predict {trainer}", [nnunet_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o",
                                       str(test_predictions), "-d", dataset_id, "-c", configuration, "-f", FOLD,
-                                      "-tr", name, "-p", s.plans_identifier, "-device", s.device,
+                                      "-tr", name, "-p", s.arm_plans(trainer), "-device", s.device,
                                       "-npp", "0", "-nps", "0"],
                env, run / "predict.log", progress=PREDICT_LINE, total=cases, leave=False)
     test = evaluate_folder(test_predictions, raw / "labelsTs", topology=s.topology)
@@ -333,7 +435,7 @@ def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, t
     write_results(train, run / "evaluation_train")
     result = {"trainer": trainer, "trained_as": name, "configuration": configuration,
               "sparsity": sparsity.label, "seed": seed,
-              "dataset": raw.name, "epochs": s.epochs, "iterations": s.iterations, "plans": s.plans_identifier,
+              "dataset": raw.name, "epochs": s.epochs, "iterations": s.iterations, "plans": s.arm_plans(trainer),
               "minutes": (time.time() - started) / 60,
               "test": {"aggregate": test["aggregate"],
                        "cases": {c: m[MEAN]["dice"] for c, m in test["cases"].items()}},
@@ -388,6 +490,108 @@ def run_benchmark(out: Path, settings: BenchmarkSettings) -> dict:
     summary = write_summary(folder.root, settings)
     print(summary["markdown"])
     return summary
+
+
+CONVERGED_GAIN = 0.005  # annotated-slice Dice gained over the previous doubling below which training has converged
+CONVERGE_EPOCHS = (25, 50, 100, 200)
+
+
+def run_convergence(out: Path, settings: BenchmarkSettings, epochs: list[int] = CONVERGE_EPOCHS,
+                    stop_when_converged: bool = True) -> dict:
+    """Stock nnU-Net alone at each of ``epochs`` x ``settings.iterations`` on the first sparsity level and seed.
+
+    Every budget is a finished run of its own (nnU-Net's poly learning rate is tied to the number of epochs). The
+    converged budget is the smallest one whose annotated-slice Dice gains less than ``CONVERGED_GAIN`` over the
+    previous budget; with ``stop_when_converged`` no larger budget is trained. Writes ``converge.csv``,
+    ``converge.md`` and ``converge.png`` into ``out``; returns ``{"rows", "converged_epochs", "markdown"}``.
+    """
+    epochs = sorted(set(epochs))
+    if not epochs or epochs[0] < 1:
+        raise UserError(f"invalid --epochs {epochs}: give increasing positive budgets, e.g. 25 50 100 200")
+    folder = BenchmarkFolder(out, settings, converge=True)
+    folder.write_trainer_module([REFERENCE], epochs)
+    sparsity, seed = settings.sparsity_levels[0], settings.seeds[0]
+    print(f"convergence of stock nnU-Net in {folder.root}: {settings.recipe}, {sparsity.description}, seed {seed}, "
+          f"{' / '.join(map(str, epochs))} epochs x {settings.iterations} iterations, plans "
+          f"{settings.plans_identifier}, device {settings.device}")
+    raw = prepare_dataset(folder, sparsity, seed)
+    rows, converged = [], None
+    for budget in epochs:
+        folder.settings = replace(settings, epochs=budget)
+        run = folder.run_folder(sparsity, seed, REFERENCE)
+        if (run / "result.json").is_file():
+            result = json.loads((run / "result.json").read_text())
+        else:
+            try:
+                result = run_one(folder, raw, sparsity, seed, REFERENCE)
+            except Exception as error:
+                _record_failure(folder, sparsity, seed, REFERENCE, f"the {budget}-epoch run", error)
+                raise UserError(f"the {budget}-epoch run failed: see {run / 'error.txt'}; rerun the same command to "
+                                f"retry it") from None
+        rows.append({"epochs": budget, "iterations": settings.iterations, "steps": budget * settings.iterations,
+                     **{column: _metric(result, where) for column, where, _ in SUMMARY_METRICS},
+                     "minutes": result["minutes"]})
+        if len(rows) > 1 and converged is None and \
+                rows[-1]["annotated_dice"] - rows[-2]["annotated_dice"] < CONVERGED_GAIN:
+            converged = budget
+            if stop_when_converged:
+                break
+    folder.settings = settings
+    markdown = _convergence_markdown(rows, converged, settings, sparsity, seed)
+    _write_rows(folder.root / "converge.csv", rows)
+    (folder.root / "converge.md").write_text(markdown)
+    _plot_convergence(rows, converged, folder.root / "converge.png")
+    print(markdown)
+    return {"rows": rows, "converged_epochs": converged, "markdown": markdown}
+
+
+def _convergence_markdown(rows: list[dict], converged: int | None, settings: BenchmarkSettings,
+                          sparsity: Sparsity, seed: int) -> str:
+    lines = [f"# Convergence of stock nnU-Net: {settings.recipe}, {sparsity.description}, seed {seed}", "",
+             f"Plans `{settings.plans_identifier}` ({settings.configuration}), device {settings.device}; each row is "
+             f"a finished run. Dice = mean over foreground classes.", "",
+             "| epochs x iterations | steps | Dice annotated slices | gain | Dice unannotated slices | "
+             "Dice test volumes | minutes |", "|---|---|---|---|---|---|---|"]
+    for i, row in enumerate(rows):
+        gain = _fmt(row["annotated_dice"] - rows[i - 1]["annotated_dice"], signed=True) if i else "—"
+        lines.append(f"| {row['epochs']} x {row['iterations']} | {row['steps']} | {_fmt(row['annotated_dice'])} | "
+                     f"{gain} | {_fmt(row['unannotated_dice'])} | {_fmt(row['test_dice'])} | "
+                     f"{row['minutes']:.1f} |")
+    verdict = (f"Converged at **{converged} epochs x {settings.iterations} iterations** "
+               f"({converged * settings.iterations} steps): the annotated-slice Dice gained less than "
+               f"{CONVERGED_GAIN} over the previous budget." if converged is not None else
+               f"Not converged up to {rows[-1]['epochs']} epochs: the annotated-slice Dice still gained "
+               f"{CONVERGED_GAIN} or more; try larger --epochs.")
+    return "\n".join(lines + ["", verdict, ""])
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+
+
+def _plot_convergence(rows: list[dict], converged: int | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [row["steps"] for row in rows]
+    for column, label in (("annotated_dice", "annotated slices"), ("unannotated_dice", "unannotated slices"),
+                          ("test_dice", "test volumes")):
+        ax.plot(steps, [row[column] for row in rows], marker="o", label=label)
+    if converged is not None:
+        ax.axvline(converged * rows[0]["iterations"], color="grey", linestyle="--", label="converged")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training steps (epochs x iterations)")
+    ax.set_ylabel("Dice (stock nnU-Net)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _grouped(runs):
@@ -448,8 +652,8 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     return float(np.mean(finite)), std, len(finite)
 
 
-def paired_difference(results: list[dict], trainer: str, sparsity: str, part: str) -> dict:
-    """``trainer`` minus stock on the same (seed, case) pairs, from each run's per-case Dice of ``part``.
+def paired_difference(results: list[dict], trainer: str, sparsity: str, part: str, reference: str = REFERENCE) -> dict:
+    """``trainer`` minus ``reference`` on the same (seed, case) pairs, from each run's per-case Dice of ``part``.
 
     Returns ``{"mean", "std", "n", "wins", "p"}``; ``p`` is the two-sided Wilcoxon signed-rank p-value (NaN below
     6 pairs, where it cannot reach 0.05).
@@ -458,7 +662,7 @@ def paired_difference(results: list[dict], trainer: str, sparsity: str, part: st
         return {(r["seed"], case): value for r in results if r["trainer"] == name and r["sparsity"] == sparsity
                 for case, value in r[part]["cases"].items() if value is not None and not math.isnan(value)}
 
-    ours, stock = per_case(trainer), per_case(REFERENCE)
+    ours, stock = per_case(trainer), per_case(reference)
     differences = [ours[k] - stock[k] for k in sorted(set(ours) & set(stock))]
     mean, std, n = mean_std(differences)
     p = float("nan")
@@ -487,15 +691,22 @@ def _fmt_paired(d: dict) -> str:
     return f"{_fmt(d['mean'], signed=True)} ± {_fmt(d['std'])} (wins {d['wins']}/{d['n']}{p})"
 
 
+def classes_of(result: dict) -> list[str]:
+    """The foreground class names a run was scored on."""
+    return [name for name in result["test"]["aggregate"] if name != MEAN]
+
+
 def write_summary(root: Path, settings: BenchmarkSettings) -> dict:
-    """summary.csv, results.md and the plots from the finished runs; returns {"rows", "markdown"}."""
+    """summary.csv (a row per run and class, the class mean first), results.md and the plots from the finished runs;
+    returns {"rows", "markdown", "failures"}."""
     root = Path(root)
     results, failures = load_results(root, settings)
-    rows = [{"trainer": r["trainer"], "sparsity": r["sparsity"], "seed": r["seed"], "dataset": r["dataset"],
-             **{column: _metric(r, where) for column, where, _ in SUMMARY_METRICS}, "minutes": r["minutes"]}
-            for r in results]
+    rows = [{"trainer": r["trainer"], "reference": settings.reference_of(r["trainer"]) or "",
+             "sparsity": r["sparsity"], "seed": r["seed"], "dataset": r["dataset"], "class": name,
+             **{column: _metric(r, where, name) for column, where, _ in SUMMARY_METRICS}, "minutes": r["minutes"]}
+            for r in results for name in [MEAN, *classes_of(r)]]
     with open(root / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["trainer", "sparsity", "seed", "dataset",
+        writer = csv.DictWriter(f, fieldnames=["trainer", "reference", "sparsity", "seed", "dataset", "class",
                                                *(c for c, _, _ in SUMMARY_METRICS), "minutes"])
         writer.writeheader()
         writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
@@ -506,33 +717,97 @@ def write_summary(root: Path, settings: BenchmarkSettings) -> dict:
     return {"rows": rows, "markdown": markdown, "failures": failures}
 
 
+MAIN_COLUMNS = ("test_dice", "unannotated_dice", "annotated_dice")
+
+
 def _markdown(results: list[dict], failures: list[dict], settings: BenchmarkSettings) -> str:
     s = settings
-    lines = [f"# nnunet-ext benchmark: {s.recipe}", "",
-             f"{s.epochs} epochs x {s.iterations} iterations per run, plans `{s.plans_identifier}` "
+    lines = [f"# nnunet-ext benchmark: {s.recipe}" + (f" ({Path(s.data).name})" if s.recipe == DENSE else ""), "",
+             f"{s.epochs} epochs x {s.iterations} iterations per run, base plans `{s.plans_identifier}` "
              f"({s.configuration}), device {s.device}, seeds {', '.join(map(str, s.seeds))}. Dice = mean over "
-             f"foreground classes; mean ± std over seeds. Δ = trainer − nnUNetTrainer on the same (seed, case) "
-             f"pairs: mean ± std, wins, Wilcoxon p (≥ 6 pairs).", ""]
-    header = ("| trainer | runs | Dice test volumes | Dice unannotated slices | Dice annotated slices | "
-              "Δ Dice test | Δ Dice unannotated |")
+             f"foreground classes; mean ± std over seeds; minutes = wall time per run. Δ = arm − its reference "
+             f"(stock nnU-Net on the same plans; for stock on other plans, stock on the base plans) on the same "
+             f"(seed, case) pairs: mean ± std, wins, Wilcoxon p (≥ 6 pairs).", ""]
+    header = ("| arm | runs | Dice test volumes | Dice unannotated slices | Dice annotated slices | minutes | "
+              "reference | Δ Dice test | Δ Dice unannotated |")
     for sparsity in s.sparsity_levels:
-        lines += [f"## {sparsity.description} (`{sparsity.label}`)", "", header, "|---|---|---|---|---|---|---|"]
-        for trainer in s.trainers:
-            mine = [r for r in results if r["trainer"] == trainer and r["sparsity"] == sparsity.label]
-            if not mine:
-                continue
+        level = [r for r in results if r["sparsity"] == sparsity.label]
+        if not level:
+            continue
+        by_arm = {arm: [r for r in level if r["trainer"] == arm] for arm in s.trainers}
+        by_arm = {arm: runs for arm, runs in by_arm.items() if runs}
+        lines += [f"## {sparsity.description} (`{sparsity.label}`)", "", header, "|---|---|---|---|---|---|---|---|---|"]
+        for arm, mine in by_arm.items():
             cells = [_fmt_mean_std([_metric(r, where) for r in mine])
-                     for column, where, _ in SUMMARY_METRICS if column in ("test_dice", "unannotated_dice",
-                                                                           "annotated_dice")]
-            deltas = (["—", "—"] if trainer == REFERENCE else
-                      [_fmt_paired(paired_difference(results, trainer, sparsity.label, part))
-                       for part in ("test", "train")])
-            lines.append(f"| {trainer} | {len(mine)} | " + " | ".join(cells + deltas) + " |")
-        lines.append("")
+                     for column, where, _ in SUMMARY_METRICS if column in MAIN_COLUMNS]
+            cells.append(_fmt(mean_std([r["minutes"] for r in mine])[0], 1))
+            reference = s.reference_of(arm)
+            deltas = (["—", "—", "—"] if reference is None else
+                      [f"`{reference}`"] + [_fmt_paired(paired_difference(level, arm, sparsity.label, part, reference))
+                                            for part in ("test", "train")])
+            lines.append(f"| {arm} | {len(mine)} | " + " | ".join(cells + deltas) + " |")
+        lines += ["", *_best_stock_lines(by_arm, s), *_per_class_table(by_arm), *_distance_table(by_arm)]
     if failures:
         lines += ["## Failed runs", ""] + [f"- {f['trainer']} {f['sparsity']} seed {f['seed']}: {f['error']}"
                                            for f in failures] + [""]
     return "\n".join(lines)
+
+
+def _mean_metric(runs: list[dict], column: str, name: str = MEAN) -> float:
+    where = next(w for c, w, _ in SUMMARY_METRICS if c == column)
+    return mean_std([_metric(r, where, name) for r in runs])[0]
+
+
+def _best_stock_lines(by_arm: dict[str, list[dict]], settings: BenchmarkSettings) -> list[str]:
+    """Which stock configuration a user keeps (as nnU-Net's find_best_configuration would), and the best arm."""
+    stock = {arm: runs for arm, runs in by_arm.items()
+             if settings.parse_arm(arm).trainer == REFERENCE and not settings.parse_arm(arm).plans}
+
+    def ranked(arms):
+        return sorted(arms, key=lambda arm: -np.nan_to_num(_mean_metric(by_arm[arm], "unannotated_dice"), nan=-1))
+
+    def describe(arm):
+        return (f"`{arm}` (Dice unannotated slices {_fmt(_mean_metric(by_arm[arm], 'unannotated_dice'))}, test "
+                f"volumes {_fmt(_mean_metric(by_arm[arm], 'test_dice'))})")
+
+    lines = []
+    if len(stock) > 1:
+        best, *others = ranked(stock)
+        lines.append(f"Better stock configuration: {describe(best)}; " +
+                     "; ".join(f"{describe(arm)}" for arm in others) + ".")
+    ours = [arm for arm in by_arm if settings.parse_arm(arm).trainer != REFERENCE]
+    if ours:
+        lines.append(f"Best of the other arms: {describe(ranked(ours)[0])}.")
+    return lines + [""] if lines else []
+
+
+def _per_class_table(by_arm: dict[str, list[dict]]) -> list[str]:
+    """Per-class Dice (test volumes / unannotated slices) next to the class mean; only with several classes."""
+    classes = list(dict.fromkeys(name for runs in by_arm.values() for r in runs for name in classes_of(r)))
+    if len(classes) < 2:
+        return []
+    lines = ["Per class (mean over seeds; test volumes / unannotated slices):", "",
+             "| arm | " + " | ".join([*classes, MEAN]) + " |", "|---|" + "---|" * (len(classes) + 1)]
+    for arm, runs in by_arm.items():
+        cells = [f"{_fmt(_mean_metric(runs, 'test_dice', name))} / {_fmt(_mean_metric(runs, 'unannotated_dice', name))}"
+                 for name in [*classes, MEAN]]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _distance_table(by_arm: dict[str, list[dict]]) -> list[str]:
+    """Dice on the training volumes by distance (slices) to the nearest annotated slice, mean over seeds."""
+    curves = {arm: [r["train"]["aggregate"][MEAN].get("dice_by_distance") or {} for r in runs]
+              for arm, runs in by_arm.items()}
+    distances = sorted({int(d) for arm_curves in curves.values() for curve in arm_curves for d in curve})
+    if not distances:
+        return []
+    lines = ["Dice on the training volumes by distance to the nearest annotated slice (0 = annotated; mean over "
+             "seeds):", "", "| arm | " + " | ".join(map(str, distances)) + " |", "|---|" + "---|" * len(distances)]
+    for arm, arm_curves in curves.items():
+        cells = [_fmt(mean_std([_none_to_nan(c.get(str(d), c.get(d))) for c in arm_curves])[0]) for d in distances]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _plot(results: list[dict], settings: BenchmarkSettings, root: Path) -> None:
@@ -588,12 +863,77 @@ def _none_to_nan(value) -> float:
 # --------------------------------------------------------------------------------------------- CLI
 
 
+def resolve_dense(text: str) -> str:
+    """``--dense``: a dataset folder, or a dataset id / name in $nnUNet_raw."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if text.isdigit() or text.startswith("Dataset"):
+        from nnunet_ext.nnunet_paths import dataset_folder
+
+        return str(dataset_folder(text, "nnUNet_raw"))
+    raise UserError(f"--dense {text}: no such folder, and not a dataset id or DatasetXXX_Name; pass a dense nnU-Net "
+                    f"raw dataset")
+
+
+def _data_settings(args) -> dict:
+    """recipe, data and test_cases from --recipe / --data / --dense / --test-cases."""
+    if args.dense is not None:
+        if args.recipe is not None or args.data is not None:
+            raise UserError("--dense replaces --recipe and --data: pass either --dense DATASET or a recipe")
+        return {"recipe": DENSE, "data": resolve_dense(args.dense), "test_cases": args.test_cases}
+    if args.test_cases is not None:
+        raise UserError("--test-cases applies to --dense datasets only; the recipes have fixed test volumes")
+    return {"recipe": args.recipe or "synth", "data": args.data}
+
+
+def _common_settings(args) -> dict:
+    return {**_data_settings(args), "iterations": args.iterations, "plans": args.plans,
+            "configuration": args.configuration, "device": args.device, "topology": not args.no_topology}
+
+
 def run_cli(args) -> None:
-    settings = BenchmarkSettings(recipe=args.recipe, data=args.data, trainers=args.trainers,
-                                 sparsities=args.sparsity, seeds=args.seeds, epochs=args.epochs,
-                                 iterations=args.iterations, plans=args.plans, configuration=args.configuration,
-                                 device=args.device, topology=not args.no_topology)
-    run_benchmark(Path(args.out), settings)
+    settings = BenchmarkSettings(**_common_settings(args), trainers=args.trainers, sparsities=args.sparsity,
+                                 seeds=args.seeds, epochs=args.epochs, attention_stages=args.attention_stages,
+                                 reference_2d=not args.no_2d)
+    if not settings.budget_measured and args.epochs is None:
+        print(f"note: no converged budget is known for this dataset, so every arm trains {settings.epochs} x "
+              f"{settings.iterations}; measure one with `nnunet-ext benchmark converge --dense ...` and pass "
+              f"--epochs/--iterations", file=sys.stderr)
+    summary = run_benchmark(Path(args.out), settings)
+    if summary["failures"]:
+        total = len(settings.sparsities) * len(settings.seeds) * len(settings.trainers)
+        raise UserError(f"{len(summary['failures'])} of {total} runs failed (listed in {Path(args.out) / 'results.md'}"
+                        f", each error in its run folder's error.txt): fix the cause and rerun the same command, "
+                        f"which retries only them")
+
+
+def run_convergence_cli(args) -> None:
+    settings = BenchmarkSettings(**_common_settings(args), trainers=[], sparsities=args.sparsity and [args.sparsity],
+                                 seeds=[args.seed], reference_2d=False)
+    run_convergence(Path(args.out), settings, args.epochs, stop_when_converged=not args.all_budgets)
+
+
+def _add_data_arguments(parser) -> None:
+    parser.add_argument("--recipe", choices=BUILT_IN_RECIPES, help="built-in dataset recipe (default: synth)")
+    parser.add_argument("--data", help="the recipe's data folder (vesselnn, gala_fibsem), e.g. ../shared/data/vesselnn")
+    parser.add_argument("--dense", metavar="DATASET",
+                        help="benchmark your own DENSE nnU-Net raw dataset (id or name in $nnUNet_raw, or a folder); "
+                             "sparse levels are simulated from it with `nnunet-ext sparsify` along axis 0")
+    parser.add_argument("--test-cases", type=int, metavar="N",
+                        help="--dense without labelsTs: hold out N evenly spread cases as test volumes (default: "
+                             "every third case, at least one)")
+
+
+def _add_training_arguments(parser) -> None:
+    defaults = BenchmarkSettings()
+    parser.add_argument("--iterations", type=int,
+                        help="training iterations per epoch (default: the recipe's converged budget)")
+    parser.add_argument("--plans", default=defaults.plans,
+                        help="tiny (CPU-sized, derived) or an existing plans identifier such as nnUNetPlans (GPU)")
+    parser.add_argument("-c", "--configuration", default=defaults.configuration)
+    parser.add_argument("--device", default=defaults.device, choices=("cpu", "cuda", "mps"))
+    parser.add_argument("--no-topology", action="store_true", help="skip clDice and Betti errors")
 
 
 def add_arguments(parser) -> None:
@@ -601,19 +941,35 @@ def add_arguments(parser) -> None:
     defaults = BenchmarkSettings()
     parser.add_argument("--out", default="nnunet_ext_benchmark",
                         help="benchmark folder: created, or resumed when it holds this benchmark")
-    parser.add_argument("--recipe", default=defaults.recipe, choices=sorted(RECIPES), help="dataset recipe")
-    parser.add_argument("--data", help="the recipe's data folder (vesselnn, gala_fibsem), e.g. ../shared/data/vesselnn")
-    parser.add_argument("--trainers", nargs="+", default=list(DEFAULT_TRAINERS), metavar="TRAINER",
-                        help=f"trainers compared with {REFERENCE} (default: {' '.join(DEFAULT_TRAINERS)})")
+    _add_data_arguments(parser)
+    parser.add_argument("--trainers", nargs="+", default=list(DEFAULT_TRAINERS), metavar="ARM",
+                        help=f"arms TRAINER[@CONFIGURATION][@PLANS] compared with {REFERENCE} (PLANS: attention or "
+                             f"an existing identifier); stock on each arm's plans and stock 2d join automatically "
+                             f"(default: {' '.join(DEFAULT_TRAINERS)})")
     parser.add_argument("--sparsity", nargs="+", metavar="LEVEL",
                         help="every:K or slices:N levels (default per recipe: synth every:4 every:8)")
     parser.add_argument("--seeds", nargs="+", type=int, default=defaults.seeds, help="seeds (default 0 1 2)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
-    parser.add_argument("--iterations", type=int, default=defaults.iterations,
-                        help=f"training iterations per epoch (default {defaults.iterations})")
-    parser.add_argument("--plans", default=defaults.plans,
-                        help="tiny (CPU-sized, derived) or an existing plans identifier such as nnUNetPlans (GPU)")
-    parser.add_argument("-c", "--configuration", default=defaults.configuration)
-    parser.add_argument("--device", default=defaults.device, choices=("cpu", "cuda", "mps"))
-    parser.add_argument("--no-topology", action="store_true", help="skip clDice and Betti errors")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's converged budget)")
+    _add_training_arguments(parser)
+    parser.add_argument("--attention-stages", type=int, default=defaults.attention_stages,
+                        help="decoder stages with axial attention in @attention arms (default 2)")
+    parser.add_argument("--no-2d", action="store_true", help="leave out the stock 2d reference arm")
     parser.set_defaults(func=run_cli)
+
+
+def register_converge_cli(modes) -> None:
+    """``nnunet-ext benchmark converge``: stock nnU-Net at doubling budgets, and the budget where it converged."""
+    parser = modes.add_parser("converge", help="stock nnU-Net at increasing budgets: where has it converged?",
+                              description="Train stock nnU-Net alone at increasing budgets on one sparsity level and "
+                                          "seed and report the annotated- and unannotated-slice Dice per budget and "
+                                          f"the smallest budget whose annotated-slice Dice gains < {CONVERGED_GAIN} "
+                                          f"over the previous one.")
+    parser.add_argument("--out", default="nnunet_ext_converge", help="study folder: created, or resumed")
+    _add_data_arguments(parser)
+    parser.add_argument("--sparsity", metavar="LEVEL", help="one level (default: the recipe's first)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, nargs="+", default=list(CONVERGE_EPOCHS),
+                        help=f"budgets in epochs (default {' '.join(map(str, CONVERGE_EPOCHS))})")
+    _add_training_arguments(parser)
+    parser.add_argument("--all-budgets", action="store_true", help="train every budget, also after convergence")
+    parser.set_defaults(func=run_convergence_cli)

@@ -10,10 +10,16 @@ cases) and ``imagesTs``/``labelsTs`` (whole held-out volumes with dense truth):
   ``nnunet-ext sparsify``. The seed only repeats the training.
 - ``gala_fibsem``: the FIB-SEM volume of ../shared/data/gala_fibsem, neuron boundaries (instance id 0) as the
   foreground class, cut into 4 tiles along x (the last one is the test volume); then ``nnunet-ext sparsify``.
+- ``dense`` (``--dense``): any dense nnU-Net raw dataset (NIfTI or TIFF, any channels and classes), copied with
+  its imagesTs/labelsTs as test volumes, or with a reproducible share of its cases held out; then
+  ``nnunet-ext sparsify``.
+
+Every recipe but synth is a writer of one dense raw dataset that goes through the same ``sparsify`` path.
 """
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,14 +72,23 @@ class Recipe:
     per_seed: bool  # True: the seed changes the data, so each seed gets its own dataset
     default_sparsities: tuple[str, ...]
     needs_data: bool
+    # The CPU budget (tiny plans) at which stock nnU-Net's annotated-slice Dice has converged
+    # (`nnunet-ext benchmark converge`, numbers in the README); None: not measured, the benchmark's fallback.
+    converged_epochs: int | None = None
+    converged_iterations: int | None = None
 
 
+DENSE = "dense"
 RECIPES = {
     "synth": Recipe("synth", per_seed=True, default_sparsities=("every:4", "every:8"), needs_data=False),
     "vesselnn": Recipe("vesselnn", per_seed=False, default_sparsities=("slices:5", "slices:3"), needs_data=True),
     "gala_fibsem": Recipe("gala_fibsem", per_seed=False, default_sparsities=("every:5", "every:10"),
                           needs_data=True),
+    DENSE: Recipe(DENSE, per_seed=False, default_sparsities=("every:4", "every:8"), needs_data=True),
 }
+BUILT_IN_RECIPES = tuple(name for name in RECIPES if name != DENSE)
+GALA_FILES = ("train-image.h5", "train-gt.lzf.h5")
+GALA_KEY = "stack"
 
 SYNTH_CASES = dict(num_cases=6, num_test_cases=2, shape=(24, 64, 64))
 VESSELNN_SPACING = (5.0, 1.0, 1.0)  # um; the source gives 5 um between slices and 0.6-2.5 um in-plane per file
@@ -95,16 +110,112 @@ def write_sparse_dataset(recipe: str, raw_dir: Path, dataset_id: int, name: str,
                             n_slices=sparsity.n_slices)
 
 
-def write_dense(recipe: str, data_dir: Path, raw_dir: Path, dataset_id: int, name: str) -> Path:
-    """The dense raw dataset of a real-data recipe, read from ``data_dir``."""
+def check_data(recipe: str, data_dir: Path, test_cases: int | None = None) -> None:
+    """Cheap checks of a recipe's input, run before the benchmark writes anything; UserError when it cannot work."""
     data_dir = Path(data_dir)
+    if recipe == DENSE:
+        dense_test_split(data_dir, test_cases)
+        return
     if not data_dir.is_dir():
         raise UserError(f"--data {data_dir} is not a folder: pass the {recipe} folder, e.g. ../shared/data/{recipe}")
-    writer = {"vesselnn": _write_vesselnn, "gala_fibsem": _write_gala}[recipe]
+    if recipe == "vesselnn":
+        vesselnn_pairs(data_dir)
+    elif recipe == "gala_fibsem":
+        import h5py
+
+        for file in GALA_FILES:
+            try:
+                with h5py.File(data_dir / file, "r") as f:
+                    found = list(f.keys())
+            except OSError as error:
+                raise UserError(f"{data_dir / file}: cannot open it as HDF5 ({error}); pass the gala_fibsem folder "
+                                f"as --data") from None
+            if GALA_KEY not in found:
+                raise UserError(f"{data_dir / file}: no dataset {GALA_KEY!r} (found: {', '.join(found) or 'none'}); "
+                                f"the gala_fibsem recipe reads the volumes of janelia-flyem/gala's example data")
+
+
+def write_dense(recipe: str, data_dir: Path, raw_dir: Path, dataset_id: int, name: str,
+                test_cases: int | None = None) -> Path:
+    """The dense raw dataset of a real-data recipe (``dense``: a copy of ``data_dir`` with its test split)."""
+    data_dir = Path(data_dir)
+    check_data(recipe, data_dir, test_cases)
     with atomic_dataset_folder(raw_dir, dataset_id, name) as folder:
-        writer(data_dir, folder, name)
+        if recipe == DENSE:
+            _write_dense_copy(data_dir, folder, name, test_cases)
+        else:
+            {"vesselnn": _write_vesselnn, "gala_fibsem": _write_gala}[recipe](data_dir, folder, name)
         verify_raw_dataset(folder)
     return Path(raw_dir) / dataset_folder_name(dataset_id, name)
+
+
+def held_out_cases(cases: list[str], count: int | None) -> list[str]:
+    """The test cases held out of ``cases`` (sorted): ``count`` evenly spread ones, or (None) every third case.
+
+    >>> held_out_cases(["a", "b", "c", "d", "e", "f", "g"], None)
+    ['c', 'f']
+    >>> held_out_cases(["a", "b", "c", "d"], 2)
+    ['b', 'd']
+    """
+    cases = sorted(cases)
+    if count is None:
+        return [case for i, case in enumerate(cases) if i % 3 == 2] or cases[-1:]
+    if not 1 <= count < len(cases):
+        raise UserError(f"--test-cases {count}: the dataset has {len(cases)} cases; hold out 1 to {len(cases) - 1} "
+                        f"so that at least one is left for training")
+    step = len(cases) / count
+    return [cases[int((i + 1) * step) - 1] for i in range(count)]
+
+
+def dense_test_split(source: Path, test_cases: int | None) -> tuple[dict, str, list[str], list[str]]:
+    """(dataset.json, file ending, training cases, cases to hold out) of a dense dataset; UserError if unusable.
+
+    Test volumes are the source's imagesTs/labelsTs when it has labelsTs (nothing held out then), else
+    ``held_out_cases``.
+    """
+    from nnunet_ext.sparsify import check_dense_source
+
+    source = Path(source)
+    if not source.is_dir():
+        raise UserError(f"--dense {source}: no such dataset folder; pass a dense nnU-Net raw dataset (an id or name "
+                        f"in $nnUNet_raw, or a folder)")
+    document, ending, cases = check_dense_source(source)
+    if len([v for v in document["labels"].values() if v != 0]) < 1:
+        raise UserError(f"{source / 'dataset.json'}: needs background and at least one foreground class")
+    if (source / "labelsTs").is_dir() and any((source / "labelsTs").glob(f"*{ending}")):
+        if test_cases is not None:
+            raise UserError(f"--test-cases {test_cases}: {source} has its own labelsTs, which are the test volumes; "
+                            f"drop --test-cases")
+        return document, ending, cases, []
+    if len(cases) < 2:
+        raise UserError(f"{source} has {len(cases)} labelled case and no labelsTs: the benchmark needs at least two "
+                        f"cases (one to train on, one to test) or test volumes in imagesTs/labelsTs")
+    held = held_out_cases(cases, test_cases)
+    return document, ending, [c for c in cases if c not in held], held
+
+
+def _write_dense_copy(source: Path, folder: Path, name: str, test_cases: int | None) -> None:
+    """Copy a dense dataset; the held-out cases' images and labels go to imagesTs/labelsTs."""
+    document, ending, train, held = dense_test_split(source, test_cases)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (folder / sub).mkdir()
+    for sub in ("imagesTs", "labelsTs"):  # the source's own test volumes
+        if not held and (source / sub).is_dir():
+            shutil.copytree(source / sub, folder / sub, dirs_exist_ok=True)
+    for case in train + held:
+        split = "Ts" if case in held else "Tr"
+        # Images are <case>_XXXX<ending>, labels <case><ending>; a TIFF's spacing file <stem>.json goes along.
+        images = list((source / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]*"))
+        if not images:
+            raise UserError(f"{source / 'imagesTr'} holds no image of case {case!r}: check the dataset")
+        files = [(f, "images") for f in images + list((source / "imagesTr").glob(f"{case}.json"))]
+        files += [(f, "labels") for f in (source / "labelsTr").glob(f"{case}.*")]
+        for file, kind in files:
+            shutil.copy2(file, folder / f"{kind}{split}" / file.name)
+    document = {**document, "name": name, "numTraining": len(train),
+                "description": f"{document.get('description', '')} (nnunet-ext benchmark copy of {source.resolve()}; "
+                               f"held out as test volumes: {', '.join(held) or 'its own imagesTs/labelsTs'})".strip()}
+    (folder / "dataset.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
 def vesselnn_pairs(data_dir: Path) -> dict[str, tuple[Path, Path]]:
@@ -154,8 +265,7 @@ def _write_vesselnn(data_dir: Path, folder: Path, name: str) -> None:
 def _write_gala(data_dir: Path, folder: Path, name: str) -> None:
     from nnunet_ext.dataset_conversion.readers import read_hdf5
 
-    image = read_hdf5(data_dir / "train-image.h5", "stack")
-    instances = read_hdf5(data_dir / "train-gt.lzf.h5", "stack")
+    image, instances = (read_hdf5(data_dir / file, GALA_KEY) for file in GALA_FILES)
     if image.shape != instances.shape:
         raise UserError(f"{data_dir}: image {image.shape} and labels {instances.shape} differ in shape")
     boundary = (instances == 0).astype(np.uint8)  # gala marks the boundaries between neurons with id 0

@@ -130,11 +130,14 @@ def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
 
     evaluation.register_cli(commands)
     runs = commands.add_parser("benchmark", help="trainers against stock nnU-Net on the same sparse labels "
-                               "(`benchmark speed`: step time and memory)",
+                               "(`benchmark speed`: step time and memory; `benchmark converge`: budgets)",
                                description="Train, predict and score trainers against stock nnU-Net over sparsity "
-                               "levels and seeds; `nnunet-ext benchmark speed -h` for the speed benchmark.")
+                               "levels and seeds; `nnunet-ext benchmark speed -h` for the speed benchmark, `nnunet-ext benchmark "
+                               "converge -h` for the budget at which stock nnU-Net converges.")
     benchmark.add_arguments(runs)
-    speed.register_cli(runs.add_subparsers(dest="mode", metavar="{speed}"))
+    modes = runs.add_subparsers(dest="mode", metavar="{speed,converge}")
+    speed.register_cli(modes)
+    benchmark.register_converge_cli(modes)
 
     demo = commands.add_parser("demo", help="synth -> preprocess -> train -> predict -> Dice, on CPU")
     demo.add_argument("--out", default="nnunet_ext_demo", help="output folder (default: ./nnunet_ext_demo)")

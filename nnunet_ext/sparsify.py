@@ -306,3 +306,11 @@ def register_cli(subparsers) -> None:
                         help="share of the kept slices held out for validation (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the hold-out draw (default 0)")
     parser.set_defaults(func=_run)
+
+
+def check_dense_source(source: Path) -> tuple[dict, str, list[str]]:
+    """(dataset.json, file ending, sorted case ids) of a dataset ``sparsify_dataset`` accepts; UserError otherwise.
+
+    For callers that validate their input before writing anything (``nnunet-ext benchmark --dense``).
+    """
+    return _load_source(Path(source))

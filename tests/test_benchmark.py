@@ -68,8 +68,52 @@ def test_bad_settings(arguments, message):
 
 def test_stock_comes_first_and_only_once():
     settings = BenchmarkSettings(trainers=["MeanTeacherTrainer", "nnUNetTrainer", "MeanTeacherTrainer"])
-    assert settings.trainers == ["nnUNetTrainer", "MeanTeacherTrainer"]
+    assert settings.trainers == ["nnUNetTrainer", "nnUNetTrainer@2d", "MeanTeacherTrainer"]  # stock 2d: a reference
     assert settings.sparsities == ["every:4", "every:8"]  # the synth recipe's levels
+    assert BenchmarkSettings(trainers=["MeanTeacherTrainer"], reference_2d=False).trainers == \
+        ["nnUNetTrainer", "MeanTeacherTrainer"]
+
+
+@pytest.mark.parametrize("text, trainer, configuration, plans, canonical", [
+    ("MeanTeacherTrainer", "MeanTeacherTrainer", "3d_fullres", "", "MeanTeacherTrainer"),
+    ("MeanTeacherTrainer@3d_fullres", "MeanTeacherTrainer", "3d_fullres", "", "MeanTeacherTrainer"),
+    ("MeanTeacherTrainer@attention", "MeanTeacherTrainer", "3d_fullres", "attention", "MeanTeacherTrainer@attention"),
+    ("MeanTeacherTrainer@2d@attention", "MeanTeacherTrainer", "2d", "attention", "MeanTeacherTrainer@2d@attention"),
+    ("MeanTeacherTrainer@nnUNetPlans", "MeanTeacherTrainer", "3d_fullres", "nnUNetPlans",
+     "MeanTeacherTrainer@nnUNetPlans"),
+    ("MeanTeacherTrainer@nnUNetPlans_tiny", "MeanTeacherTrainer", "3d_fullres", "", "MeanTeacherTrainer"),  # base
+    ("MeanTeacherTrainer@@mine", "MeanTeacherTrainer", "3d_fullres", "mine", "MeanTeacherTrainer@@mine"),
+])
+def test_arms_name_a_trainer_configuration_and_plans(text, trainer, configuration, plans, canonical):
+    settings = BenchmarkSettings(trainers=[])
+    arm = settings.parse_arm(text)
+    assert (arm.trainer, arm.configuration, arm.plans) == (trainer, configuration, plans)
+    assert settings.arm_name(arm) == canonical
+    assert settings.parse_arm(canonical) == arm
+
+
+@pytest.mark.parametrize("text", ["nnUNetTrainer@", "@2d", "nnUNetTrainer@3d@x", "nnUNetTrainer@2d@x@y",
+                                  "nnUNetTrainer@2d@"])
+def test_bad_arms(text):
+    with pytest.raises(UserError, match="invalid trainer"):
+        BenchmarkSettings(trainers=[text])
+
+
+def test_the_attention_ablation_is_one_command_with_stock_on_both_plans():
+    settings = BenchmarkSettings(trainers=["MeanTeacherTrainer", "MeanTeacherContinuityTrainer",
+                                           "MeanTeacherTrainer@attention", "MeanTeacherContinuityTrainer@attention"])
+    assert settings.trainers == ["nnUNetTrainer", "nnUNetTrainer@2d", "MeanTeacherTrainer",
+                                 "MeanTeacherContinuityTrainer", "nnUNetTrainer@attention",
+                                 "MeanTeacherTrainer@attention", "MeanTeacherContinuityTrainer@attention"]
+    assert settings.derived_plans == ["attention"]
+    assert settings.arm_plans("MeanTeacherTrainer@attention") == "nnUNetPlans_tiny_axialattn"
+    assert settings.arm_plans("nnUNetTrainer@2d") == "nnUNetPlans_tiny"
+    # Each arm is paired with stock on its own plans; stock on the attention plans with stock on the base plans.
+    assert settings.reference_of("MeanTeacherContinuityTrainer@attention") == "nnUNetTrainer@attention"
+    assert settings.reference_of("MeanTeacherContinuityTrainer") == "nnUNetTrainer"
+    assert settings.reference_of("nnUNetTrainer@attention") == "nnUNetTrainer"
+    assert settings.reference_of("nnUNetTrainer@2d") == "nnUNetTrainer"
+    assert settings.reference_of("nnUNetTrainer") is None
 
 
 def test_a_pseudo_label_trainer_brings_the_2d_arm_it_learns_from():
@@ -78,9 +122,11 @@ def test_a_pseudo_label_trainer_brings_the_2d_arm_it_learns_from():
                                  "MeanTeacherTrainer"]
     assert settings.configurations == ["3d_fullres", "2d"]
     assert settings.split_arm("nnUNetTrainer@2d") == ("nnUNetTrainer", "2d")
-    assert settings.bench_name("nnUNetTrainer@2d") == settings.bench_name("nnUNetTrainer") == "nnUNetTrainer_bench50x50"
-    with pytest.raises(UserError, match="TRAINER@CONFIGURATION"):
-        BenchmarkSettings(trainers=["nnUNetTrainer@"])
+    assert settings.bench_name("nnUNetTrainer@2d", 50) == settings.bench_name("nnUNetTrainer", 50) == \
+        f"nnUNetTrainer_bench50x{settings.iterations}"
+    on_attention = BenchmarkSettings(trainers=["PseudoLabelWeightedTrainer@attention"], reference_2d=False)
+    assert on_attention.trainers == ["nnUNetTrainer", "nnUNetTrainer@attention", "nnUNetTrainer@2d@attention",
+                                     "PseudoLabelWeightedTrainer@attention"]
 
 
 def test_the_folder_refuses_other_settings_and_foreign_folders(tmp_path):
@@ -116,7 +162,8 @@ def test_runs_are_resumed_and_a_failing_run_does_not_stop_the_others(tmp_path, m
 
     monkeypatch.setattr(benchmark, "prepare_dataset", lambda folder, sparsity, seed: tmp_path / "raw")
     monkeypatch.setattr(benchmark, "run_one", fake_run)
-    settings = BenchmarkSettings(trainers=["MeanTeacherTrainer"], sparsities=["every:4"], seeds=[0, 1])
+    settings = BenchmarkSettings(trainers=["MeanTeacherTrainer"], sparsities=["every:4"], seeds=[0, 1],
+                                 reference_2d=False)
     summary = run_benchmark(tmp_path / "bench", settings)
     assert len(calls) == 4
     assert [(f["trainer"], f["seed"]) for f in summary["failures"]] == [("MeanTeacherTrainer", 1)]
@@ -124,7 +171,7 @@ def test_runs_are_resumed_and_a_failing_run_does_not_stop_the_others(tmp_path, m
     markdown = (tmp_path / "bench" / "results.md").read_text()
     assert "| nnUNetTrainer | 2 | 0.500 ± 0.000 |" in markdown
     assert "| MeanTeacherTrainer | 1 | 0.600 |" in markdown
-    assert "+0.100 ± n/a (wins 1/1)" in markdown  # the one (seed 0, t0) pair
+    assert "| `nnUNetTrainer` | +0.100 ± n/a (wins 1/1)" in markdown  # the one (seed 0, t0) pair
     assert "MeanTeacherTrainer every4 seed 1: the run failed: out of memory" in markdown
     assert (tmp_path / "bench" / "dice_vs_sparsity.png").is_file()
     assert (tmp_path / "bench" / "dice_vs_distance.png").is_file()
@@ -135,8 +182,9 @@ def test_runs_are_resumed_and_a_failing_run_does_not_stop_the_others(tmp_path, m
     assert len(summary["failures"]) == 1
 
 
+@pytest.mark.skipif(not (DATA / "vesselnn").is_dir(), reason="../shared/data/vesselnn is not available")
 def test_seeds_sharing_a_dataset_train_into_their_own_results(tmp_path):
-    folder = BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(recipe="vesselnn", data=str(tmp_path)))
+    folder = BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(recipe="vesselnn", data=str(DATA / "vesselnn")))
     raw = folder.raw / "Dataset100_VesselnnSlices5"  # vesselnn's datasets do not depend on the seed
     folds = {seed: benchmark._fold_folder(folder, raw, "nnUNetTrainer", seed) for seed in (0, 1)}
     assert folds[0] != folds[1]  # else seed 1 would find seed 0's checkpoint_final.pth and skip training
@@ -205,7 +253,7 @@ def test_a_real_benchmark_through_nnunet(tmp_path, monkeypatch):
                                  epochs=1, iterations=2)
     out = tmp_path / "bench"
     summary = run_benchmark(out, settings)
-    assert summary["failures"] == [] and len(summary["rows"]) == 3
+    assert summary["failures"] == [] and len(summary["rows"]) == 3 * 3  # 3 arms x (mean, vessel, nucleus)
     for row in summary["rows"]:
         for column in ("test_dice", "unannotated_dice", "annotated_dice"):
             assert 0.0 <= row[column] <= 1.0
