@@ -37,6 +37,54 @@ def test_short_budget_variants_change_only_the_ema_decay():
     assert MeanTeacherContinuityTrainer_demo.ema_alpha == 0.99
 
 
+def test_ablation_variants_change_only_their_hypothesis():
+    from nnunet_ext.trainers import (MeanTeacherContinuityTrainer_ema99, MeanTeacherContinuityTrainer_ema99_fixed,
+                                     MeanTeacherTrainer_ema99, MeanTeacherTrainer_ema99_cleansup,
+                                     MeanTeacherTrainer_ema99_fixed, MeanTeacherTrainer_ema99_lambda1,
+                                     MeanTeacherTrainer_ema99_nossl, MeanTeacherTrainer_ema99_rawconf)
+
+    fixed = {"consistency_weight": 1.0, "confidence_temperature": 1.0, "perturbed_network": "teacher"}
+    for variant, base, changes in [
+            (MeanTeacherTrainer_ema99_nossl, MeanTeacherTrainer_ema99, {"consistency_weight": 0.0}),
+            (MeanTeacherTrainer_ema99_lambda1, MeanTeacherTrainer_ema99, {"consistency_weight": 1.0}),
+            (MeanTeacherTrainer_ema99_rawconf, MeanTeacherTrainer_ema99, {"confidence_temperature": 1.0}),
+            (MeanTeacherTrainer_ema99_cleansup, MeanTeacherTrainer_ema99, {"perturbed_network": "teacher"}),
+            (MeanTeacherTrainer_ema99_fixed, MeanTeacherTrainer_ema99, fixed),
+            (MeanTeacherContinuityTrainer_ema99_fixed, MeanTeacherContinuityTrainer_ema99,
+             {**fixed, "continuity_weight": 1.0})]:
+        assert variant.__bases__ == (base,)
+        assert {k: v for k, v in vars(variant).items() if not k.startswith("__")} == changes
+
+
+@pytest.mark.parametrize("perturbed, student_doubled, teacher_doubled", [
+    ("student", True, False), ("teacher", False, True), ("none", False, False)])
+def test_perturbed_network_chooses_whose_input_is_perturbed(build_in_process, perturbed, student_doubled,
+                                                            teacher_doubled):
+    from nnunet_ext.semi_supervised import StrongIntensityPerturbation
+
+    # Brightness x2 on every sample and nothing else: the perturbed input is exactly twice the batch.
+    double = StrongIntensityPerturbation(brightness=(2.0, 2.0), p_brightness=1.0, p_noise=0.0, p_contrast=0.0,
+                                         p_gamma=0.0, p_blur=0.0)
+    variant = type("MeanTeacherTrainer_perturbed", (MeanTeacherTrainer,),
+                   {"perturbed_network": perturbed, "strong_perturbation": double, "__module__": __name__})
+    trainer = build_in_process(variant)
+    (batch,) = draw_batches(trainer, 1)
+    seen = {}
+    for name, network in (("student", unwrap(trainer.network)), ("teacher", trainer.teacher.module)):
+        network.register_forward_pre_hook(lambda module, args, name=name: seen.setdefault(name, args[0].clone()))
+    trainer.train_step(batch)
+    data = batch["data"]
+    assert torch.equal(seen["student"], 2 * data if student_doubled else data)
+    assert torch.equal(seen["teacher"], 2 * data if teacher_doubled else data)
+
+
+def test_an_unknown_perturbed_network_is_refused(build_in_process):
+    variant = type("MeanTeacherTrainer_bad", (MeanTeacherTrainer,), {"perturbed_network": "both",
+                                                                     "__module__": __name__})
+    with pytest.raises(RuntimeError, match="perturbed_network must be one of"):
+        build_in_process(variant)
+
+
 def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
     env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
     args = [ds, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnUNetPlans_tiny", "-device", "cpu"]

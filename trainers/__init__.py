@@ -4,6 +4,12 @@ from nnunet_ext.trainers.cps import CPSCutMixTrainer, CPSCutMixTrainer_ensemble
 from nnunet_ext.trainers.demo import MeanTeacherContinuityTrainer_demo, nnUNetTrainer_demo
 from nnunet_ext.trainers.mean_teacher import (MeanTeacherContinuityTrainer, MeanTeacherContinuityTrainer_ema99,
                                               MeanTeacherTrainer, MeanTeacherTrainer_ema99)
+from nnunet_ext.trainers.mean_teacher_ablation import (MeanTeacherContinuityTrainer_ema99_fixed,
+                                                       MeanTeacherTrainer_ema99_cleansup,
+                                                       MeanTeacherTrainer_ema99_fixed,
+                                                       MeanTeacherTrainer_ema99_lambda1,
+                                                       MeanTeacherTrainer_ema99_nossl,
+                                                       MeanTeacherTrainer_ema99_rawconf)
 from nnunet_ext.trainers.pseudo_label import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
 
 __all__ = [
@@ -11,6 +17,12 @@ __all__ = [
     "MeanTeacherContinuityTrainer",
     "MeanTeacherTrainer_ema99",
     "MeanTeacherContinuityTrainer_ema99",
+    "MeanTeacherTrainer_ema99_nossl",
+    "MeanTeacherTrainer_ema99_lambda1",
+    "MeanTeacherTrainer_ema99_rawconf",
+    "MeanTeacherTrainer_ema99_cleansup",
+    "MeanTeacherTrainer_ema99_fixed",
+    "MeanTeacherContinuityTrainer_ema99_fixed",
     "CPSCutMixTrainer",
     "CPSCutMixTrainer_ensemble",
     "nnUNetTrainer_demo",
