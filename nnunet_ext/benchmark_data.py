@@ -80,7 +80,8 @@ class Recipe:
 
 DENSE = "dense"
 RECIPES = {
-    "synth": Recipe("synth", per_seed=True, default_sparsities=("every:4", "every:8"), needs_data=False),
+    "synth": Recipe("synth", per_seed=True, default_sparsities=("every:4", "every:8"), needs_data=False,
+                    converged_epochs=100, converged_iterations=50),
     "vesselnn": Recipe("vesselnn", per_seed=False, default_sparsities=("slices:5", "slices:3"), needs_data=True),
     "gala_fibsem": Recipe("gala_fibsem", per_seed=False, default_sparsities=("every:5", "every:10"),
                           needs_data=True),
