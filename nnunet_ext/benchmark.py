@@ -129,7 +129,8 @@ class BenchmarkSettings:
         plans = rest[1] if len(rest) > 1 else ""
         if configuration not in CONFIGURATIONS:
             raise UserError(f"invalid trainer {arm!r}: unknown configuration {configuration!r} (one of "
-                            f"{', '.join(CONFIGURATIONS)}); plans go last, e.g. {trainer}@3d_fullres@{plans or 'attention'}")
+                            f"{', '.join(CONFIGURATIONS)}); plans go last, e.g. "
+                            f"{trainer}@3d_fullres@{plans or ATTENTION}")
         return Arm(trainer, configuration, "" if plans == self.plans_identifier else plans)
 
     def arm_name(self, arm: Arm) -> str:
@@ -736,7 +737,7 @@ def _markdown(results: list[dict], failures: list[dict], settings: BenchmarkSett
             continue
         by_arm = {arm: [r for r in level if r["trainer"] == arm] for arm in s.trainers}
         by_arm = {arm: runs for arm, runs in by_arm.items() if runs}
-        lines += [f"## {sparsity.description} (`{sparsity.label}`)", "", header, "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {sparsity.description} (`{sparsity.label}`)", "", header, "|---" * 9 + "|"]
         for arm, mine in by_arm.items():
             cells = [_fmt_mean_std([_metric(r, where) for r in mine])
                      for column, where, _ in SUMMARY_METRICS if column in MAIN_COLUMNS]

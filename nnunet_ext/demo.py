@@ -29,8 +29,9 @@ DEMO_SYNTH = dict(name="SynthDemo", num_cases=6, num_test_cases=2, shape=(24, 64
 DEMO_FOLD = "0"
 MARKER = "nnunet_ext_demo.json"
 # The demo's 1 000 steps are a fifth of the budget where stock nnU-Net converges on such data (README).
-DEMO_CAVEAT = ("This budget (25 x 40 steps, one run, 2 test volumes) is too short to show whether a trainer beats stock "
-               "nnU-Net: it shows the pipeline. `nnunet-ext benchmark` measures that over seeds at converged budgets.")
+DEMO_CAVEAT = ("This budget (25 x 40 steps, one run, 2 test volumes) is too short to show whether a trainer beats "
+               "stock nnU-Net: it shows the pipeline. `nnunet-ext benchmark` measures that over seeds at converged "
+               "budgets.")
 EPOCH_LINE = re.compile(r"\bEpoch \d+\s*$")
 PREDICT_LINE = re.compile(r"^perform_everything_on_device:")  # printed once per case
 
