@@ -80,12 +80,7 @@ class Tile:
 
 def scan_slices(folder: Path) -> SliceStack:
     """The slice folder from file names and headers only (no pixel data): consecutive numbers, one 2D shape/dtype."""
-    paths = readers.list_slices(folder)
-    indices = [readers.slice_index(p) for p in paths]
-    for previous, path, index in zip(indices, paths[1:], indices[1:]):
-        if index != previous + 1:
-            raise UserError(f"{path}: slice numbers jump from {previous} to {index}; the slices must be "
-                            f"consecutive (add the missing slices or renumber)")
+    paths = readers.list_volume_slices(folder)
     shape, dtype = _slice_header(paths[0])
     for path in paths:
         this_shape, this_dtype = _slice_header(path)
@@ -94,7 +89,7 @@ def scan_slices(folder: Path) -> SliceStack:
         if (this_shape, this_dtype) != (shape, dtype):
             raise UserError(f"{path}: shape {this_shape} {this_dtype} differs from {paths[0].name} ({shape} {dtype}); "
                             f"all slices must match")
-    return SliceStack(tuple(paths), indices[0], shape, dtype)
+    return SliceStack(tuple(paths), readers.slice_index(paths[0]), shape, dtype)
 
 
 def scan_masks(folder: Path, stack: SliceStack, mask_values: Sequence[int]) -> dict[int, Path]:
@@ -117,7 +112,7 @@ def _check_mask(path: Path, mask: np.ndarray, stack: SliceStack, mask_values: Se
                         f"masks must be full-size slices")
     if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
         raise UserError(f"{path}: {mask.dtype} mask is not a label image; save masks as 8/16-bit integer images")
-    unknown = sorted(set(np.unique(mask).tolist()) - set(mask_values))
+    unknown = raw_dataset.undeclared_values(mask, mask_values)
     if unknown:
         raise UserError(f"{path}: unknown mask value(s) {unknown[:5]}; expected {list(mask_values)} for background, "
                         f"nucleus, nucleolus: pass --mask-values")

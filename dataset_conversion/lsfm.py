@@ -36,7 +36,8 @@ from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import raw_output_folder
 from nnunet_ext.raw_dataset import (add_output_arguments, atomic_dataset_folder, check_axis,
                                     check_dataset_id_and_name, check_file_format, check_free, check_seed, check_spacing,
-                                    dataset_folder_name, dataset_json, is_int, verify_raw_dataset, write_image)
+                                    dataset_folder_name, dataset_json, is_int, undeclared_values, verify_raw_dataset,
+                                    write_image)
 from nnunet_ext.sparsify import HOLDOUT_FOLDER, IGNORE, check_holdout_fraction, split_holdout
 from nnunet_ext.synth import sparsify
 
@@ -125,8 +126,6 @@ def _read_channels(paths: Sequence[Path]) -> list[np.ndarray]:
                             f"export one single-channel volume per channel")
         if not (np.issubdtype(volume.dtype, np.integer) or np.issubdtype(volume.dtype, np.floating)):
             raise UserError(f"{path}: dtype {volume.dtype} is not an intensity type; export integer or float images")
-        if np.issubdtype(volume.dtype, np.floating) and not np.isfinite(volume).all():
-            raise UserError(f"{path}: contains NaN or infinite values; replace them before converting")
         volumes.append(volume)
     if len({v.shape for v in volumes}) > 1:
         listing = ", ".join(f"{p} {v.shape}" for p, v in zip(paths, volumes))
@@ -203,7 +202,7 @@ def _sparse_label(masks: list[tuple[int, np.ndarray, Path]], shape: tuple[int, .
         classes = _classes_found(set().union(*found.values()))
     known = set(classes.values())
     for index, _, path in masks:
-        unknown = sorted(found[index] - known)
+        unknown = undeclared_values(found[index], known)
         if unknown:
             raise UserError(f"{path}: class value {unknown[0]} (slice {index}) is not in {classes_where} "
                             f"({', '.join(f'{k}={v}' for k, v in classes.items())}); add it there or fix the mask")

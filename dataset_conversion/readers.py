@@ -1,7 +1,9 @@
 """Readers for the microscopy exports the converters accept: TIFF stacks, folders of 2D slices, NIfTI, HDF5.
 
 Every reader returns numpy arrays in (z, y, x) order (multi-channel stacks as stored; the converters say which
-layout they expect) and raises UserError naming the file when it cannot read it.
+layout they expect) and raises UserError naming the file when it cannot read it, when it holds NaN or infinite
+values (``check_finite``), or, for a folder of slices forming a volume, when the slice numbers have a gap
+(``list_volume_slices``). Every converter reads through these functions, so these checks hold for all of them.
 """
 
 import re
@@ -18,6 +20,9 @@ SLICE_SUFFIXES = (".tif", ".tiff", ".png")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 _LAST_INTEGER = re.compile(r"(\d+)(?!.*\d)")
+# What reading a damaged file raises: imagecodecs' ZlibError/ZstdError (a corrupt compressed TIFF) are RuntimeErrors.
+_DECODE_ERRORS = (OSError, ValueError, RuntimeError, IndexError, tifffile.TiffFileError)
+_FINITE_CHUNK = 1 << 22  # elements per np.isfinite call: bounds the temporary mask on huge volumes
 
 
 def slice_index(path: Path) -> int:
@@ -45,20 +50,46 @@ def list_slices(folder: Path) -> list[Path]:
     return [by_index[i] for i in sorted(by_index)]
 
 
+def list_volume_slices(folder: Path) -> list[Path]:
+    """The slice files of a folder that forms one volume, ordered; UserError naming the first gap in the numbers.
+
+    Slices 0, 1, 2, 5, 6, 7 would otherwise stack into a 6-slice volume in which position 3 is file 5, so a mask
+    or a spacing that counts slice numbers would land on the wrong image.
+    """
+    paths = list_slices(folder)
+    indices = [slice_index(p) for p in paths]
+    for previous, path, index in zip(indices, paths[1:], indices[1:]):
+        if index != previous + 1:
+            raise UserError(f"{path}: slice numbers jump from {previous} to {index}; the slices of a volume must be "
+                            f"consecutive (add the missing slices or renumber)")
+    return paths
+
+
+def check_finite(array: np.ndarray, path: Path) -> np.ndarray:
+    """``array`` unchanged; UserError naming ``path`` if it holds NaN or infinite values (nnU-Net's
+    normalisation would spread them over the whole image)."""
+    if array.dtype.kind in "fc":
+        flat = array.reshape(-1)
+        for start in range(0, flat.size, _FINITE_CHUNK):
+            if not np.isfinite(flat[start:start + _FINITE_CHUNK]).all():
+                raise UserError(f"{path}: contains NaN or infinite values; replace them (e.g. by 0) and export again")
+    return array
+
+
 def read_slice(path: Path) -> np.ndarray:
     """One 2D slice (y, x)."""
     try:
         array = tifffile.imread(path) if str(path).lower().endswith((".tif", ".tiff")) else _read_with_sitk(path)
-    except (OSError, ValueError, RuntimeError, tifffile.TiffFileError) as error:
+    except _DECODE_ERRORS as error:
         raise UserError(f"{path}: cannot read this slice ({error}); is it a valid image file?") from None
     if array.ndim != 2:
         raise UserError(f"{path}: expected a 2D slice, got shape {array.shape}; export single-channel 2D slices")
-    return array
+    return check_finite(array, path)
 
 
 def read_slice_folder(folder: Path) -> np.ndarray:
     """A folder of 2D slices as one (z, y, x) stack; UserError naming the first slice whose shape/dtype differs."""
-    paths = list_slices(folder)
+    paths = list_volume_slices(folder)
     first = read_slice(paths[0])
     stack = np.empty((len(paths), *first.shape), dtype=first.dtype)
     stack[0] = first
@@ -80,15 +111,15 @@ def read_tiff(path: Path) -> np.ndarray:
     try:
         with tifffile.TiffFile(path) as tiff:
             series = [s.asarray() for s in tiff.series]
-    except (OSError, ValueError, tifffile.TiffFileError) as error:
+    except _DECODE_ERRORS as error:
         raise UserError(f"{path}: cannot read this TIFF ({error}); check the file") from None
     if not series:
         raise UserError(f"{path}: the TIFF holds no image: check the file")
     if len(series) == 1:
-        return series[0]
+        return check_finite(series[0], path)
     if len({(s.shape, s.dtype) for s in series}) != 1:
         raise UserError(f"{path}: its {len(series)} image series differ in shape or type; export one stack")
-    return np.stack(series)
+    return check_finite(np.stack(series), path)
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float], sitk.Image]:
@@ -97,7 +128,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float], sitk
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise UserError(f"{path}: cannot read this NIfTI file ({str(error).strip().splitlines()[-1]})") from None
-    return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing())), image
+    return check_finite(sitk.GetArrayFromImage(image), path), tuple(reversed(image.GetSpacing())), image
 
 
 def read_hdf5(path: Path, key: str) -> np.ndarray:
@@ -106,7 +137,7 @@ def read_hdf5(path: Path, key: str) -> np.ndarray:
         with h5py.File(path, "r") as f:
             if key not in f:
                 raise UserError(f"{path}: no dataset {key!r} (found: {', '.join(f.keys())}); pass the right key")
-            return f[key][()]
+            return check_finite(np.asarray(f[key][()]), path)
     except OSError as error:
         raise UserError(f"{path}: cannot read this HDF5 file ({error})") from None
 

@@ -63,7 +63,7 @@ import numpy as np
 import SimpleITK as sitk
 import tifffile
 
-from nnunet_ext.dataset_conversion.readers import NIFTI_SUFFIXES, list_slices, read_nifti, read_slice
+from nnunet_ext.dataset_conversion.readers import NIFTI_SUFFIXES, list_volume_slices, read_nifti, read_slice
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import raw_output_folder
 from nnunet_ext.raw_dataset import (FILE_ENDINGS, add_output_arguments, atomic_dataset_folder,
@@ -320,10 +320,10 @@ def scan_slice_folder(folder) -> SliceVolume:
     Returns:
         SliceVolume with shape (number of slices, y, x) and the slices' dtype.
     Raises:
-        UserError: not a folder, no slices, a slice that is not 2D or whose shape/dtype differs from the first
-            (naming that file), a dtype other than an 8/16-bit integer.
+        UserError: not a folder, no slices, a gap in the slice numbers, a slice that is not 2D or whose
+            shape/dtype differs from the first (naming that file), a dtype other than an 8/16-bit integer.
     """
-    paths = [p.resolve() for p in list_slices(Path(folder))]
+    paths = [p.resolve() for p in list_volume_slices(Path(folder))]
     shape, dtype = _slice_header(paths[0])
     if len(shape) != 2:
         raise UserError(f"{paths[0]}: expected a 2D slice, got shape {shape}; export single-channel 2D slices")

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from nnunet_ext.errors import UserError
+from nnunet_ext.errors import Terminated, UserError, os_error_message, sigterm_raises
 from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR, NNUNET_FOLDERS, ext_trainer_value, raw_output_folder
 
 
@@ -154,10 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(with_conversion=not (argv and argv[0] in LIGHT_COMMANDS)).parse_args(argv)
     try:
-        args.func(args)
+        with sigterm_raises():  # a scheduler's SIGTERM then cleans up like any error
+            args.func(args)
     except UserError as error:
         print(f"nnunet-ext: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # unwritable or full output folder: the writers have cleaned up already
+        print(f"nnunet-ext: error: {os_error_message(error)}", file=sys.stderr)
+        return 2
+    except Terminated as stop:
+        print("nnunet-ext: error: terminated (SIGTERM); unfinished output was removed", file=sys.stderr)
+        return stop.code
     return 0
 
 

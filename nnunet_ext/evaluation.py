@@ -16,6 +16,7 @@ from typing import Iterable
 import numpy as np
 
 from nnunet_ext.errors import UserError
+from nnunet_ext.raw_dataset import check_output_folder
 from nnunet_ext.metrics import (betti_errors, cldice, dice, dice_by_distance, masked_dice, mean_slice_dice,
                                 precision_recall, slice_distance_to_annotation)
 
@@ -163,6 +164,7 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, labels: dict[str, int] | None 
         labels = found[0]
     if not labels:
         raise UserError("no foreground label to evaluate: pass --labels NAME=VALUE ...")
+    sparse_values = _ignore_values(gt_dir, ignore_label)
     if annotated_dir is not None and ignore_label is None:
         found = dataset_labels(_check_folder(annotated_dir, "annotation"))
         ignore_label = found[1] if found else None
@@ -176,6 +178,7 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, labels: dict[str, int] | None 
     for case, gt_file in truths.items():
         pred_file = _matching(predictions, case, pred_dir, "prediction")
         pred, gt = _read(pred_file), _read(gt_file)
+        _check_dense(gt, sparse_values, gt_file, gt_dir)
         if pred.shape != gt.shape:
             raise UserError(f"{pred_file} has shape {pred.shape} but {gt_file} has {gt.shape}: predict the same "
                             f"images the ground truth belongs to")
@@ -194,6 +197,22 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, labels: dict[str, int] | None 
                 "mask": None if mask_dir is None else str(mask_dir), "mask_ignore": mask_ignore,
                 "annotated": None if annotated_dir is None else str(annotated_dir), "ignore_label": ignore_label}
     return {"settings": settings, "cases": cases, "aggregate": aggregate(cases)}
+
+
+def _ignore_values(gt_dir: Path, ignore_label: int | None) -> set[int]:
+    """Values that mark unannotated voxels: the ignore label of the dataset.json beside ``gt_dir`` and
+    ``--ignore-label``."""
+    found = dataset_labels(gt_dir)
+    return {v for v in (found[1] if found else None, ignore_label) if v is not None}
+
+
+def _check_dense(gt: np.ndarray, ignore_values: set[int], gt_file: Path, gt_dir: Path) -> None:
+    """UserError for ground truth with ignore-label voxels: they would count as background, so even a perfect
+    prediction of the dense truth would lose Dice on every unannotated voxel."""
+    present = [v for v in sorted(ignore_values) if np.any(gt == v)]
+    if present:
+        raise UserError(f"{gt_file} has ignore-label voxels (value {present[0]}): --gt {gt_dir} holds sparse labels; "
+                        f"pass dense truth as --gt (e.g. labelsTr_dense or labelsTs) and these as --annotated")
 
 
 def _matching(files: dict[str, Path], case: str, folder: Path, what: str) -> Path:
@@ -274,11 +293,12 @@ def format_table(aggregate: dict) -> str:
 
 
 def _run(args) -> None:
+    out = check_output_folder(args.out or args.pred, "--out")  # before the scoring, which can take long
     results = evaluate_folder(Path(args.pred), Path(args.gt), parse_labels(args.labels) if args.labels else None,
                               mask_dir=args.mask and Path(args.mask), mask_ignore=args.mask_ignore,
                               annotated_dir=args.annotated and Path(args.annotated), ignore_label=args.ignore_label,
                               axis=args.axis, topology=not args.no_topology)
-    json_path, csv_path = write_results(results, Path(args.out or args.pred))
+    json_path, csv_path = write_results(results, out)
     print(format_table(results["aggregate"]))
     print(f"wrote {json_path} and {csv_path}")
 

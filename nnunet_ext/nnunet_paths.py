@@ -31,6 +31,21 @@ def require_folder(var: str) -> Path:
     return Path(value)
 
 
+def nnunet_folders_beside(raw_dir: Path) -> list[Path]:
+    """The nnUNet_preprocessed and nnUNet_results folders that belong with the raw folder ``raw_dir``.
+
+    nnU-Net looks a dataset id up in all three folders and fails ("More than one dataset name found") when they
+    disagree, so a new id must be free in each: the exported folders when ``raw_dir`` is $nnUNet_raw, else its
+    siblings when it is named nnUNet_raw (the layout of `nnunet-ext env --root`, the demo and the benchmark).
+    """
+    raw_dir = Path(raw_dir).resolve()
+    if os.environ.get("nnUNet_raw") and Path(os.environ["nnUNet_raw"]).resolve() == raw_dir:
+        return [Path(os.environ[var]) for var in NNUNET_FOLDERS[1:] if os.environ.get(var)]
+    if raw_dir.name == NNUNET_FOLDERS[0]:
+        return [raw_dir.parent / var for var in NNUNET_FOLDERS[1:]]
+    return []
+
+
 def raw_output_folder(out: str | None) -> Path:
     """Where a command writes a raw dataset: ``--out`` when given, else $nnUNet_raw."""
     return Path(out) if out else require_folder("nnUNet_raw")

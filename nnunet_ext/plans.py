@@ -6,11 +6,13 @@ A variant keeps every configuration's ``data_identifier``, so it trains on the p
 
 import json
 import os
+import re
 import tempfile
+from contextlib import contextmanager
 from copy import deepcopy
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -33,6 +35,44 @@ ATTENTION_NETWORKS = {
     "PlainConvUNet": "nnunet_ext.architectures.axial_attention_unet.AxialAttentionPlainConvUNet",
     "ResidualEncoderUNet": "nnunet_ext.architectures.axial_attention_unet.AxialAttentionResEncUNet",
 }
+
+
+# A plans identifier names <identifier>.json in the dataset's preprocessed folder and a results folder part
+# (<trainer>__<plans>__<configuration>): a plain name, never a path.
+_PLANS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_plans_name(name, option: str) -> str:
+    """``name`` if it is a plain plans identifier; UserError otherwise (``-o ../../x`` would write elsewhere)."""
+    if not isinstance(name, str) or not _PLANS_NAME.fullmatch(name):
+        raise UserError(f"invalid plans identifier {name!r} for {option}: use letters, digits, '_' or '-' (no path), "
+                        f"e.g. nnUNetPlans_tiny")
+    return name
+
+
+def load_plans(path: Path) -> dict:
+    """A plans file as a dict with a ``configurations`` mapping; UserError naming the file if it is truncated
+    (not JSON) or incomplete, so that nnU-Net's own code does not fail later with a traceback."""
+    try:
+        plans = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({getattr(error, 'msg', error)}), the file is truncated or damaged: "
+                        f"rerun nnUNetv2_plan_and_preprocess (or the command that wrote it)") from None
+    configurations = plans.get("configurations") if isinstance(plans, dict) else None
+    if not isinstance(configurations, dict) or not all(isinstance(c, dict) for c in configurations.values()):
+        raise UserError(f"{path}: incomplete plans (no 'configurations' mapping): rerun nnUNetv2_plan_and_preprocess "
+                        f"(or the command that wrote it)")
+    return plans
+
+
+@contextmanager
+def complete_plans(path: Path) -> Iterator[None]:
+    """Inside, a key missing from the plans at ``path`` (KeyError) becomes one UserError line naming the file."""
+    try:
+        yield
+    except KeyError as error:
+        raise UserError(f"{path}: incomplete plans (no key {error}): rerun nnUNetv2_plan_and_preprocess "
+                        f"(or the command that wrote it)") from None
 
 
 def resolve_configuration(plans: dict, name: str) -> dict:
@@ -58,6 +98,8 @@ def derive_plans(dataset: str | int, source: str, target: str, edit: Configurati
     Returns:
         Path of the written plans file (written atomically).
     """
+    check_plans_name(source, "-p")
+    check_plans_name(target, "-o")
     folder = dataset_folder(dataset)
     source_file = folder / f"{source}.json"
     if not source_file.is_file():
@@ -66,11 +108,12 @@ def derive_plans(dataset: str | int, source: str, target: str, edit: Configurati
                         f"run `nnUNetv2_plan_and_preprocess -d ID` or pass -p with one of these")
     if target == source:
         raise UserError(f"the variant name {target!r} equals its source plans: choose another name")
-    plans = json.loads(source_file.read_text())
+    plans = load_plans(source_file)
     derived = deepcopy(plans)
     derived["plans_name"] = target
-    for name in plans["configurations"]:
-        derived["configurations"][name].update(edit(name, resolve_configuration(plans, name)))
+    with complete_plans(source_file):
+        for name in plans["configurations"]:
+            derived["configurations"][name].update(edit(name, resolve_configuration(plans, name)))
     return _write_json_atomically(folder / f"{target}.json", derived)
 
 
@@ -166,4 +209,4 @@ def derive_attention_plans(dataset: str | int, source: str = "nnUNetPlans", targ
                            stages: int = 2, heads: int = 4, gates: bool = False) -> Path:
     """``nnunet-ext plans attention``: ``source`` with axial attention (``<source>_axialattn`` by default)."""
     edit = partial(attention_configuration, stages=stages, heads=heads, gates=gates)
-    return derive_plans(dataset, source, target or source + ATTENTION_SUFFIX, edit)
+    return derive_plans(dataset, source, source + ATTENTION_SUFFIX if target is None else target, edit)

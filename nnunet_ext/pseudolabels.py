@@ -39,6 +39,7 @@ from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import dataset_folder, require_folder
+from nnunet_ext.plans import check_plans_name, complete_plans, load_plans
 from nnunet_ext.semi_supervised.pseudo_label import CONFIDENCE_SCALE
 
 RECORD_FILE = "pseudolabels.json"
@@ -262,23 +263,32 @@ def create_pseudolabels(dataset: str | int, from_configuration: str = "2d", to_c
     fold = parse_fold(fold)
     preprocessed = dataset_folder(dataset)
     dataset_name = preprocessed.name
-    plans_file = preprocessed / f"{plans}.json"
+    plans_file = preprocessed / f"{check_plans_name(plans, '-p')}.json"
     if not plans_file.is_file():
         raise UserError(f"plans {plans!r} not found in {preprocessed}: pass -p with one of "
                         f"{', '.join(sorted(p.stem for p in preprocessed.glob('*Plans*.json'))) or 'none'}")
-    plans_manager = PlansManager(str(plans_file))
+    plans_manager = PlansManager(load_plans(plans_file))
     if to_configuration not in plans_manager.available_configurations:
         raise UserError(f"configuration {to_configuration!r} is not in {plans_file.name} (available: "
                         f"{', '.join(plans_manager.available_configurations)})")
-    configuration_manager = plans_manager.get_configuration(to_configuration)
-    if configuration_manager.previous_stage_name is not None:
+    dataset_json_file = preprocessed / "dataset.json"
+    if not dataset_json_file.is_file():
+        raise UserError(f"{preprocessed} has no dataset.json: rerun `nnUNetv2_plan_and_preprocess -d "
+                        f"{dataset_name}` (it copies the raw dataset's dataset.json there)")
+    dataset_json = load_json(str(dataset_json_file))
+    with complete_plans(plans_file):  # nnU-Net's managers read keys lazily: read here all that is used below
+        configuration_manager = plans_manager.get_configuration(to_configuration)
+        previous_stage = configuration_manager.previous_stage_name
+        data_identifier = configuration_manager.data_identifier
+        _ = (plans_manager.transpose_forward, configuration_manager.spacing, configuration_manager.patch_size,
+             configuration_manager.resampling_fn_probabilities)
+        label_manager = plans_manager.get_label_manager(dataset_json)
+    if previous_stage is not None:
         raise UserError(f"{to_configuration} is a cascade stage: its segmentation channels are taken by the previous "
                         f"stage; use a configuration without previous stage (e.g. 3d_fullres)")
-    dataset_json = load_json(str(preprocessed / "dataset.json"))
-    label_manager = plans_manager.get_label_manager(dataset_json)
     if label_manager.has_regions:
         raise UserError("region-based datasets are not supported: pseudo-labels are one class per voxel")
-    data_folder = preprocessed / configuration_manager.data_identifier
+    data_folder = preprocessed / data_identifier
     if not data_folder.is_dir():
         raise UserError(f"{data_folder} does not exist: run `nnUNetv2_preprocess -d {dataset_name} -c "
                         f"{to_configuration} -plans_name {plans}` first")

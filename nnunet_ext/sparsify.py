@@ -30,7 +30,7 @@ import tifffile
 from nnunet_ext.dataset_conversion.readers import read_nifti, read_tiff
 from nnunet_ext.errors import UserError
 from nnunet_ext.raw_dataset import FILE_ENDINGS, check_free, dataset_folder_name, verify_raw_dataset, write_image
-from nnunet_ext.raw_dataset import atomic_dataset_folder, copy_label
+from nnunet_ext.raw_dataset import atomic_dataset_folder, copy_label, undeclared_values, write_nifti
 from nnunet_ext.raw_dataset import add_output_arguments, check_axis, check_dataset_id_and_name, check_seed
 from nnunet_ext.synth import annotated_slices, sparsify
 
@@ -157,7 +157,7 @@ def _write_label(array: np.ndarray, target_without_ending: Path, spacing: Sequen
         return
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(reference)
-    sitk.WriteImage(image, f"{target_without_ending}{ending}", useCompression=True)
+    write_nifti(image, Path(f"{target_without_ending}{ending}"))
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -197,7 +197,18 @@ def _default_name(source: Path, document: dict) -> str:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _write_cases(folder: Path, source: Path, plan: dict[str, dict], ending: str, axis: int, ignore: int) -> None:
+def _check_declared(dense: np.ndarray, labels: dict[str, int], path: Path) -> None:
+    """UserError for a label value dataset.json does not declare: it would be copied unchecked, and one equal to
+    the new ignore value would silently become "unannotated"."""
+    unknown = undeclared_values(dense, labels.values())
+    if unknown:
+        declared = ", ".join(f"{name}={value}" for name, value in labels.items())
+        raise UserError(f"{path}: label value {unknown[0]} is not declared in the source's dataset.json "
+                        f"({declared}); add it to 'labels' there or fix the label file")
+
+
+def _write_cases(folder: Path, source: Path, plan: dict[str, dict], ending: str, axis: int,
+                 labels: dict[str, int], ignore: int) -> None:
     for sub in ("labelsTr", DENSE_FOLDER):
         (folder / sub).mkdir()
     holding_out = any(entry["held"] for entry in plan.values())
@@ -206,6 +217,7 @@ def _write_cases(folder: Path, source: Path, plan: dict[str, dict], ending: str,
     for case, entry in plan.items():
         path = source / "labelsTr" / f"{case}{ending}"
         dense, reference = _read_label(path)
+        _check_declared(dense, labels, path)
         # Room for the ignore value: a uint8 label with 255 classes needs a wider type.
         dense = dense.astype(np.result_type(dense.dtype, np.min_scalar_type(ignore)), copy=False)
         _write_label(sparsify(dense, axis, entry["train"], ignore), folder / "labelsTr" / case, entry["spacing"],
@@ -250,8 +262,8 @@ def sparsify_dataset(source: Path, out_dir: Path, dataset_id: int, name: str | N
         ignore label ``max(source labels) + 1``; NIfTI labels keep the source's origin and direction.
 
     Raises:
-        UserError: bad arguments or source, an existing dataset id, or a result failing nnU-Net's integrity check;
-            nothing is left in ``out_dir`` then.
+        UserError: bad arguments or source (a label value its dataset.json does not declare included), an existing
+            dataset id, or a result failing nnU-Net's integrity check; nothing is left in ``out_dir`` then.
     """
     source = Path(source)
     document, ending, cases = _load_source(source)
@@ -271,7 +283,7 @@ def sparsify_dataset(source: Path, out_dir: Path, dataset_id: int, name: str | N
         for sub in _COPIED_FOLDERS:
             if (source / sub).is_dir():
                 shutil.copytree(source / sub, folder / sub)
-        _write_cases(folder, source, plan, ending, axis, ignore)
+        _write_cases(folder, source, plan, ending, axis, document["labels"], ignore)
         sparse = _sparse_document(document, name, ignore, plan, axis, arguments)
         (folder / "dataset.json").write_text(json.dumps(sparse, indent=2) + "\n")
         verify_raw_dataset(folder)
