@@ -136,7 +136,8 @@ def read_hdf5(path: Path, key: str) -> np.ndarray:
     try:
         with h5py.File(path, "r") as f:
             if key not in f:
-                raise UserError(f"{path}: no dataset {key!r} (found: {', '.join(f.keys())}); pass the right key")
+                raise UserError(f"{path}: no dataset {key!r} (found: {', '.join(f.keys())}); export the "
+                                f"volume under {key!r} or as a TIFF stack")
             return check_finite(np.asarray(f[key][()]), path)
     except OSError as error:
         raise UserError(f"{path}: cannot read this HDF5 file ({error})") from None
@@ -156,7 +157,8 @@ def read_volume(path: Path, key: str | None = None) -> np.ndarray:
         return read_nifti(path)[0]
     if name.endswith(HDF5_SUFFIXES):
         if key is None:
-            raise UserError(f"{path}: an HDF5 file needs the dataset key (e.g. --key stack)")
+            raise UserError(f"{path}: an HDF5 file needs the dataset key, which this command does not take: "
+                            f"export the volume as a TIFF stack or NIfTI")
         return read_hdf5(path, key)
     raise UserError(f"{path}: unsupported format; use TIFF, a folder of 2D slices, NIfTI or HDF5")
 
