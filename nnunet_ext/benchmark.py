@@ -40,6 +40,7 @@ from nnunet_ext.errors import UserError
 from nnunet_ext.evaluation import MEAN, evaluate_folder, write_results
 from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR
 from nnunet_ext.plans import ATTENTION_SUFFIX, TINY_PLANS
+from nnunet_ext.raw_dataset import check_output_folder
 
 REFERENCE = "nnUNetTrainer"
 SETTINGS_FILE = "benchmark.json"
@@ -232,6 +233,7 @@ class BenchmarkFolder:
                 raise UserError(f"{self.root} holds a benchmark with other settings ({'; '.join(differing)}): "
                                 f"rerun with those settings to resume it, or pass a new --out")
             return state
+        check_output_folder(self.root, "--out")
         if self.root.exists() and any(self.root.iterdir()):
             raise UserError(f"{self.root} exists and is not a benchmark folder: pass --out with a new or empty "
                             f"folder")

@@ -110,6 +110,13 @@ def test_an_hdf5_file_without_the_key_fails_before_anything_is_written(tmp_path,
     assert not (tmp_path / "bench").exists()
 
 
+def test_an_out_folder_below_a_file_is_refused_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "file").write_text("keep")
+    assert main(["benchmark", "--out", str(tmp_path / "file" / "bench"), "--no-2d"]) == 2
+    assert "is not a folder but a file" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep"
+
+
 def test_dense_and_recipe_exclude_each_other(tmp_path, capsys):
     assert _cli_out(tmp_path, "--dense", str(tmp_path), "--recipe", "synth") == 2
     assert "--dense replaces --recipe" in capsys.readouterr().err
