@@ -47,8 +47,7 @@ SETTINGS_FILE = "benchmark.json"
 TRAINER_MODULE = "nnunet_ext_benchmark_trainers"
 FOLD = "all"
 FIRST_DATASET_ID = 100
-# The flagship, with the EMA decay of short budgets (MeanTeacherTrainer_ema99); with stock, the default fits an hour
-# of a 2-core CPU on the synth recipe.
+# The flagship, with the EMA decay of short budgets (MeanTeacherTrainer_ema99).
 DEFAULT_TRAINERS = ("MeanTeacherContinuityTrainer_ema99",)
 # Budget of recipes whose converged budget has not been measured (--dense datasets): run `benchmark converge`.
 FALLBACK_EPOCHS, FALLBACK_ITERATIONS = 50, 50
@@ -75,7 +74,7 @@ class BenchmarkSettings:
     trainers: list[str] = field(default_factory=lambda: list(DEFAULT_TRAINERS))
     sparsities: list[str] | None = None  # None: the recipe's defaults
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int | None = None  # None: the recipe's converged budget (FALLBACK_* where not measured)
+    epochs: int | None = None  # None: the recipe's measured budget (FALLBACK_* where not measured)
     iterations: int | None = None
     plans: str = "tiny"  # "tiny": derive nnUNetPlans_tiny; else an existing plans identifier, e.g. nnUNetPlans
     configuration: str = "3d_fullres"
@@ -98,9 +97,9 @@ class BenchmarkSettings:
         for level in self.sparsities:
             Sparsity.parse(level)  # a bad level fails before anything runs
         if self.epochs is None:
-            self.epochs = recipe.converged_epochs or FALLBACK_EPOCHS
+            self.epochs = recipe.budget_epochs or FALLBACK_EPOCHS
         if self.iterations is None:
-            self.iterations = recipe.converged_iterations or FALLBACK_ITERATIONS
+            self.iterations = recipe.budget_iterations or FALLBACK_ITERATIONS
         for name, value in (("--epochs", self.epochs), ("--iterations", self.iterations),
                             ("--attention-stages", self.attention_stages)):
             if value < 1:
@@ -115,7 +114,7 @@ class BenchmarkSettings:
     @property
     def budget_measured(self) -> bool:
         """Whether the recipe's default budget comes from a convergence measurement."""
-        return RECIPES[self.recipe].converged_epochs is not None
+        return RECIPES[self.recipe].budget_epochs is not None
 
     def parse_arm(self, arm: str) -> Arm:
         """``TRAINER[@CONFIGURATION][@PLANS]``; a single ``@X`` is plans when X is ``attention`` or names plans."""
