@@ -49,6 +49,7 @@ FOLD = "all"
 FIRST_DATASET_ID = 100
 # The flagship, with the EMA decay of short budgets (MeanTeacherTrainer_ema99).
 DEFAULT_TRAINERS = ("MeanTeacherContinuityTrainer_ema99",)
+DEFAULT_SEEDS = (0, 1, 2)
 # Budget of recipes whose converged budget has not been measured (--dense datasets): run `benchmark converge`.
 FALLBACK_EPOCHS, FALLBACK_ITERATIONS = 50, 50
 ATTENTION = "attention"  # the arm's plans: `nnunet-ext plans attention` of the benchmark's base plans
@@ -73,7 +74,7 @@ class BenchmarkSettings:
     data: str | None = None  # the recipe's data folder; for the dense recipe the dataset folder
     trainers: list[str] = field(default_factory=lambda: list(DEFAULT_TRAINERS))
     sparsities: list[str] | None = None  # None: the recipe's defaults
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     epochs: int | None = None  # None: the recipe's measured budget (FALLBACK_* where not measured)
     iterations: int | None = None
     plans: str = "tiny"  # "tiny": derive nnUNetPlans_tiny; else an existing plans identifier, e.g. nnUNetPlans
@@ -226,8 +227,8 @@ class BenchmarkFolder:
         fixed["kind"] = "converge" if self.converge else "benchmark"
         if settings_file.is_file():
             state = json.loads(settings_file.read_text())
-            differing = [f"{k}: {state['fixed'].get(k, v if k == 'kind' else None)!r} there, {v!r} now"
-                         for k, v in fixed.items() if state["fixed"].get(k, v if k == "kind" else None) != v]
+            there = {"kind": "benchmark", **state["fixed"]}  # folders from before convergence studies have no kind
+            differing = [f"{k}: {there.get(k)!r} there, {v!r} now" for k, v in fixed.items() if there.get(k) != v]
             if differing:
                 raise UserError(f"{self.root} holds a benchmark with other settings ({'; '.join(differing)}): "
                                 f"rerun with those settings to resume it, or pass a new --out")
@@ -540,7 +541,7 @@ def run_convergence(out: Path, settings: BenchmarkSettings, epochs: list[int] = 
                 break
     folder.settings = settings
     markdown = _convergence_markdown(rows, converged, settings, sparsity, seed)
-    _write_rows(folder.root / "converge.csv", rows)
+    _write_rows(folder.root / "converge.csv", list(rows[0]), rows)
     (folder.root / "converge.md").write_text(markdown)
     _plot_convergence(rows, converged, folder.root / "converge.png")
     print(markdown)
@@ -567,9 +568,10 @@ def _convergence_markdown(rows: list[dict], converged: int | None, settings: Ben
     return "\n".join(lines + ["", verdict, ""])
 
 
-def _write_rows(path: Path, rows: list[dict]) -> None:
+def _write_rows(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
+    """A CSV with ``fieldnames`` as header, floats to 6 significant digits."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
 
@@ -707,11 +709,8 @@ def write_summary(root: Path, settings: BenchmarkSettings) -> dict:
              "sparsity": r["sparsity"], "seed": r["seed"], "dataset": r["dataset"], "class": name,
              **{column: _metric(r, where, name) for column, where, _ in SUMMARY_METRICS}, "minutes": r["minutes"]}
             for r in results for name in [MEAN, *classes_of(r)]]
-    with open(root / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["trainer", "reference", "sparsity", "seed", "dataset", "class",
-                                               *(c for c, _, _ in SUMMARY_METRICS), "minutes"])
-        writer.writeheader()
-        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+    _write_rows(root / "summary.csv", ["trainer", "reference", "sparsity", "seed", "dataset", "class",
+                                       *(c for c, _, _ in SUMMARY_METRICS), "minutes"], rows)
     markdown = _markdown(results, failures, settings)
     (root / "results.md").write_text(markdown)
     if results:
@@ -928,9 +927,10 @@ def _add_data_arguments(parser) -> None:
 
 
 def _add_training_arguments(parser) -> None:
-    defaults = BenchmarkSettings()
+    # Plain dataclass defaults: an instance would check the trainers, importing torch for every nnunet-ext command.
+    defaults = BenchmarkSettings
     parser.add_argument("--iterations", type=int,
-                        help="training iterations per epoch (default: the recipe's converged budget)")
+                        help="training iterations per epoch (default: the recipe's measured budget)")
     parser.add_argument("--plans", default=defaults.plans,
                         help="tiny (CPU-sized, derived) or an existing plans identifier such as nnUNetPlans (GPU)")
     parser.add_argument("-c", "--configuration", default=defaults.configuration)
@@ -940,7 +940,6 @@ def _add_training_arguments(parser) -> None:
 
 def add_arguments(parser) -> None:
     """The options of ``nnunet-ext benchmark`` (the accuracy runs)."""
-    defaults = BenchmarkSettings()
     parser.add_argument("--out", default="nnunet_ext_benchmark",
                         help="benchmark folder: created, or resumed when it holds this benchmark")
     _add_data_arguments(parser)
@@ -950,10 +949,10 @@ def add_arguments(parser) -> None:
                              f"(default: {' '.join(DEFAULT_TRAINERS)})")
     parser.add_argument("--sparsity", nargs="+", metavar="LEVEL",
                         help="every:K or slices:N levels (default per recipe: synth every:4 every:8)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=defaults.seeds, help="seeds (default 0 1 2)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's converged budget)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="seeds (default 0 1 2)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's measured budget)")
     _add_training_arguments(parser)
-    parser.add_argument("--attention-stages", type=int, default=defaults.attention_stages,
+    parser.add_argument("--attention-stages", type=int, default=BenchmarkSettings.attention_stages,
                         help="decoder stages with axial attention in @attention arms (default 2)")
     parser.add_argument("--no-2d", action="store_true", help="leave out the stock 2d reference arm")
     parser.set_defaults(func=run_cli)
