@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo constraints clean
+.PHONY: venv test test-fast lint demo constraints clean
 
 venv: $(STAMP)
 
@@ -14,8 +14,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
-test: venv
-	$(PY) -m pytest -q
+lint: venv
+	$(VENV)/bin/ruff check .
+
+# The 15 slowest tests are listed at the end: a test that grows slow shows up there.
+test: lint
+	$(PY) -m pytest -q --durations=15
+
+# Skips the tests that drive nnU-Net's command-line tools (marked `integration`).
+test-fast: lint
+	$(PY) -m pytest -q -m "not integration"
 
 demo: venv
 	$(VENV)/bin/nnunet-ext demo

@@ -1,6 +1,6 @@
 """Additive attention gate on a U-Net skip connection (Oktay et al. 2018, Attention U-Net)."""
 
-from typing import Sequence, Type
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ class AttentionGate(nn.Module):
         inter_channels: channels of θ and φ; default C_s // 2 (at least 1).
     """
 
-    def __init__(self, conv_op: Type[_ConvNd], skip_channels: int, gating_channels: int, stride: Sequence[int],
+    def __init__(self, conv_op: type[_ConvNd], skip_channels: int, gating_channels: int, stride: Sequence[int],
                  inter_channels: int | None = None):
         super().__init__()
         self.dim = convert_conv_op_to_dim(conv_op)

@@ -1,6 +1,5 @@
 """nnU-Net's U-Net decoder with axial attention in its deepest stages and optional gates on the skips."""
 
-from typing import List, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,8 +26,8 @@ class AttentionUNetDecoder(UNetDecoder):
     projections) and no gates its output is the stock decoder's.
     """
 
-    def __init__(self, encoder: Union[PlainConvEncoder, ResidualEncoder], num_classes: int,
-                 n_conv_per_stage: Union[int, Tuple[int, ...], List[int]], deep_supervision: bool,
+    def __init__(self, encoder: PlainConvEncoder | ResidualEncoder, num_classes: int,
+                 n_conv_per_stage: int | tuple[int, ...] | list[int], deep_supervision: bool,
                  nonlin_first: bool = False, attention_stages: int = 2, attention_heads: int = 4,
                  attention_gates: bool = False):
         super().__init__(encoder, num_classes, n_conv_per_stage, deep_supervision, nonlin_first=nonlin_first)
@@ -47,7 +46,7 @@ class AttentionUNetDecoder(UNetDecoder):
                           encoder.strides[-(s + 1)])
             for s in range(n_stages)) if attention_gates else None
 
-    def forward(self, skips: List[torch.Tensor]):
+    def forward(self, skips: list[torch.Tensor]):
         """Encoder skips, finest first, bottleneck last -> logits (B, classes, *input size), or with deep
         supervision the list of every stage's logits, finest first (like :class:`UNetDecoder`)."""
         lres_input = skips[-1]

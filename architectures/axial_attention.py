@@ -8,7 +8,6 @@ attention logits computed from the relative offset by a small MLP (the continuou
 al. 2022, Swin V2), so one block serves every axis length that nnU-Net's patch sizes produce.
 """
 
-from typing import Type
 
 import numpy as np
 import torch
@@ -59,7 +58,7 @@ class AxialSelfAttention(nn.Module):
         recompute: recompute the activations in backward instead of keeping them.
     """
 
-    def __init__(self, conv_op: Type[_ConvNd], channels: int, heads: int, axis: int, recompute: bool = True):
+    def __init__(self, conv_op: type[_ConvNd], channels: int, heads: int, axis: int, recompute: bool = True):
         super().__init__()
         self.dim = convert_conv_op_to_dim(conv_op)
         if heads < 1 or channels % (2 * heads):
@@ -121,8 +120,8 @@ class SequentialAxialAttention(nn.Module):
         recompute: the axes recompute their activations in backward instead of keeping them.
     """
 
-    def __init__(self, conv_op: Type[_ConvNd], channels: int, heads: int,
-                 norm_op: Type[nn.Module] | None = None, norm_op_kwargs: dict | None = None,
+    def __init__(self, conv_op: type[_ConvNd], channels: int, heads: int,
+                 norm_op: type[nn.Module] | None = None, norm_op_kwargs: dict | None = None,
                  recompute: bool = True):
         super().__init__()
         self.channels = channels

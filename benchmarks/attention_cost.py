@@ -2,7 +2,7 @@
 
 Prints, per attention plans, ratios to the plans without attention (data loading excluded):
   - time per training iteration, identical batches, steps interleaved (target <= 1.25),
-  - peak memory of a training step, each in a fresh process (target <= 1.2; see nnunet_ext/steptime.py),
+  - peak memory of a training step, each in a fresh process (target <= 1.2; see nnunet_ext/benchmarking/steptime.py),
   - inference time through nnUNetPredictor's sliding window (with nnU-Net's default mirroring) on the same
     preprocessed volume, interleaved (target <= 1.2).
 
@@ -19,9 +19,9 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ext.benchmarking.steptime import max_step_peak_bytes, median_step_seconds, run_fresh_process
 from nnunet_ext.plans import attention_feature_maps
-from nnunet_ext.steptime import (build_trainer, draw_batches, max_step_peak_bytes, median_step_seconds,
-                                 run_fresh_process)
+from nnunet_ext.trainer_in_process import build_trainer, draw_batches
 from nnunet_ext.trainers import MeanTeacherContinuityTrainer, MeanTeacherTrainer
 
 TRAINERS = {t.__name__: t for t in (nnUNetTrainer, MeanTeacherTrainer, MeanTeacherContinuityTrainer)}

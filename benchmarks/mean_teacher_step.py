@@ -2,7 +2,8 @@
 
 Prints ratios measured side by side (data loading excluded; ``nnunet-ext benchmark speed`` does the first two):
   - time per iteration, steps interleaved in one process (target <= 1.35),
-  - peak memory of the step (target <= 1.15), each trainer in a fresh process (see ``nnunet_ext.steptime``),
+  - peak memory of the step (target <= 1.15), each trainer in a fresh process
+    (see ``nnunet_ext.benchmarking.steptime``),
   - share of the step spent in the continuity loss (target <= 3 %).
 
 Usage (after nnUNetv2_plan_and_preprocess and `nnunet-ext plans tiny`; nnUNet_preprocessed set):
@@ -16,9 +17,9 @@ import time
 
 import torch
 
+from nnunet_ext.benchmarking.speed import format_speed, measure_speed
 from nnunet_ext.semi_supervised import axial_continuity_loss, unlabeled_mask
-from nnunet_ext.speed import format_speed, measure_speed
-from nnunet_ext.steptime import build_trainer, draw_batches
+from nnunet_ext.trainer_in_process import build_trainer, draw_batches
 from nnunet_ext.trainers import MeanTeacherContinuityTrainer
 from nnunet_ext.trainers.semi_supervised_base import first_output
 

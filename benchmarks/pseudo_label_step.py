@@ -15,7 +15,8 @@ import time
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.steptime import build_trainer, median_step_seconds
+from nnunet_ext.benchmarking.steptime import median_step_seconds
+from nnunet_ext.trainer_in_process import build_trainer
 from nnunet_ext.trainers import PseudoLabelWeightedTrainer
 
 TRAINERS = {"nnUNetTrainer": nnUNetTrainer, "PseudoLabelWeightedTrainer": PseudoLabelWeightedTrainer}

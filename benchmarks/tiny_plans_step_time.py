@@ -8,7 +8,8 @@ import argparse
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.steptime import build_trainer, draw_batches, median_step_seconds
+from nnunet_ext.benchmarking.steptime import median_step_seconds
+from nnunet_ext.trainer_in_process import build_trainer, draw_batches
 
 
 def main() -> None:

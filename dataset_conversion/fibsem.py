@@ -26,20 +26,19 @@ masks) is checked before anything is written.
 
 import json
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import tifffile
 from skimage.exposure import equalize_hist
 
-from nnunet_ext import raw_dataset
-from nnunet_ext.dataset_conversion import readers
+from nnunet_ext.datasets import raw_dataset, readers
+from nnunet_ext.datasets.raw_dataset import add_output_arguments
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import raw_output_folder
-from nnunet_ext.raw_dataset import add_output_arguments
 
 LABELS = {"background": 0, "nucleus": 1, "nucleolus": 2, "ignore": 3}
 IGNORE_LABEL = LABELS["ignore"]

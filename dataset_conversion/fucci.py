@@ -4,9 +4,9 @@ Input per case: a volume with the channels Cy3, GFP, Hoechst, either ONE TIFF in
 order or one 3D TIFF per channel (in that channel order), typically 21 slices of 512 x 512; and optionally an
 instance label TIFF (Z, Y, X) with 0 = background and 1..n = nuclei (Cellpose / Labkit output).
 
-Labels: instances become background 0 / nucleus border 1 / nucleus interior 2 (``nnunet_ext.instances``: border =
-instance minus its 3D 6-connectivity erosion, computed per instance, so touching nuclei are separated by border;
-``nnunet-ext instances`` reverses it on predictions). Labels are dense. A case without a label file is an unlabeled
+Labels: instances become background 0 / nucleus border 1 / nucleus interior 2 (``nnunet_ext.datasets.instances``:
+border = instance minus its 3D 6-connectivity erosion, computed per instance, so touching nuclei are separated by
+border; ``nnunet-ext instances`` reverses it on predictions). Labels are dense. A case without a label file is an unlabeled
 case for the semi-supervised trainers: its label file is all ignore (3) and dataset.json then lists "ignore": 3.
 
 Optional preprocessing (off by default), applied to each channel of each case in this order:
@@ -20,21 +20,20 @@ The in-plane steps work per slice because the z spacing of these stacks is sever
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 from skimage.exposure import equalize_adapthist
 from skimage.morphology import disk, white_tophat
 
-from nnunet_ext import raw_dataset
-from nnunet_ext.dataset_conversion import readers
+from nnunet_ext.datasets import raw_dataset, readers
+from nnunet_ext.datasets.instances import BACKGROUND, BORDER, INTERIOR, instances_to_semantic
+from nnunet_ext.datasets.raw_dataset import add_output_arguments
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import raw_output_folder
-from nnunet_ext.raw_dataset import add_output_arguments
-from nnunet_ext.instances import BACKGROUND, BORDER, INTERIOR, instances_to_semantic
 
 CHANNELS = ("Cy3", "GFP", "Hoechst")
 LABELS = {"background": BACKGROUND, "nucleus_border": BORDER, "nucleus_interior": INTERIOR}

@@ -25,21 +25,32 @@ Class values are renumbered 0..n-1 in the order of their source values, because 
 import csv
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from nnunet_ext.dataset_conversion.readers import list_slices, read_slice, read_volume, slice_index
+from nnunet_ext.datasets.raw_dataset import (
+    add_output_arguments,
+    atomic_dataset_folder,
+    check_axis,
+    check_dataset_id_and_name,
+    check_file_format,
+    check_free,
+    check_seed,
+    check_spacing,
+    dataset_folder_name,
+    dataset_json,
+    is_int,
+    undeclared_values,
+    verify_raw_dataset,
+    write_image,
+)
+from nnunet_ext.datasets.readers import list_slices, read_slice, read_volume, slice_index
+from nnunet_ext.datasets.sparsify import HOLDOUT_FOLDER, IGNORE, check_holdout_fraction, sparsify, split_holdout
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import raw_output_folder
-from nnunet_ext.raw_dataset import (add_output_arguments, atomic_dataset_folder, check_axis,
-                                    check_dataset_id_and_name, check_file_format, check_free, check_seed, check_spacing,
-                                    dataset_folder_name, dataset_json, is_int, undeclared_values, verify_raw_dataset,
-                                    write_image)
-from nnunet_ext.sparsify import HOLDOUT_FOLDER, IGNORE, check_holdout_fraction, split_holdout
-from nnunet_ext.synth import sparsify
 
 BACKGROUND = "background"
 _CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")

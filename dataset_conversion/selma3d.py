@@ -52,24 +52,35 @@ import os
 import queue
 import re
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import dask
 import numpy as np
 import SimpleITK as sitk
 import tifffile
 
-from nnunet_ext.dataset_conversion.readers import NIFTI_SUFFIXES, list_volume_slices, read_nifti, read_slice
+from nnunet_ext.datasets.raw_dataset import (
+    FILE_ENDINGS,
+    add_output_arguments,
+    atomic_dataset_folder,
+    check_dataset_id_and_name,
+    check_file_format,
+    check_free,
+    copy_label,
+    dataset_folder_name,
+    dataset_json,
+    is_int,
+    is_real,
+    verify_raw_dataset,
+    write_image,
+)
+from nnunet_ext.datasets.readers import NIFTI_SUFFIXES, list_volume_slices, read_nifti, read_slice
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import raw_output_folder
-from nnunet_ext.raw_dataset import (FILE_ENDINGS, add_output_arguments, atomic_dataset_folder,
-                                    check_dataset_id_and_name, check_file_format, check_free, copy_label,
-                                    dataset_folder_name, dataset_json, is_int, is_real, verify_raw_dataset,
-                                    write_image)
 
 STRUCTURES = {
     "vessel": ("vessel", "vessels", "bloodvessel", "bloodvessels", "vasculature"),

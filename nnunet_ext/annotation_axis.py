@@ -5,7 +5,7 @@ the raw array order nnU-Net's reader returns), else the label pattern (the axis 
 fill whole slices), else the lowest-resolution axis.
 """
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

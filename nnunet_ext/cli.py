@@ -5,8 +5,10 @@ import json
 import os
 import shlex
 import sys
+from importlib import import_module
 from pathlib import Path
 
+from nnunet_ext import __version__
 from nnunet_ext.errors import Terminated, UserError, os_error_message, sigterm_raises
 from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR, NNUNET_FOLDERS, ext_trainer_value, raw_output_folder
 
@@ -21,7 +23,7 @@ def _env(args) -> None:
 
 
 def _synth(args) -> None:
-    from nnunet_ext.synth import write_synthetic_dataset
+    from nnunet_ext.datasets.synth import write_synthetic_dataset
 
     raw_dir = raw_output_folder(args.out)
     every, n_slices = (None, args.slices) if args.slices is not None else (args.every, None)
@@ -56,32 +58,66 @@ def _plans_attention(args) -> None:
 
 
 def _demo(args) -> None:
-    from nnunet_ext.demo import run_demo
+    from nnunet_ext.benchmarking.demo import run_demo
 
     run_demo(Path(args.out), device=args.device)
 
 
-def _add_conversion_commands(commands) -> None:
-    from nnunet_ext import instances, sparsify
+def _add_convert(commands) -> None:
     from nnunet_ext.dataset_conversion import fibsem, fucci, lsfm, selma3d
 
-    convert = commands.add_parser("convert", help="convert microscopy exports into an nnU-Net raw dataset")
+    convert = commands.add_parser("convert", help=LAZY_COMMANDS["convert"])
     sources = convert.add_subparsers(dest="source", required=True, metavar="SOURCE")
     for module in (lsfm, fibsem, selma3d, fucci):
         module.register_cli(sources)
-    sparsify.register_cli(commands)
-    instances.register_cli(commands)
 
 
-def _add_pseudolabel_command(commands) -> None:
-    from nnunet_ext import pseudolabels
+def _add_benchmark(commands) -> None:
+    from nnunet_ext.benchmarking import accuracy, speed
 
-    pseudolabels.register_cli(commands)
+    runs = commands.add_parser("benchmark", help=LAZY_COMMANDS["benchmark"],
+                               description="Train, predict and score trainers against stock nnU-Net over sparsity "
+                               "levels and seeds; `nnunet-ext benchmark speed -h` for the speed benchmark, "
+                               "`nnunet-ext benchmark converge -h` for the budget at which stock nnU-Net converges.")
+    accuracy.add_arguments(runs)
+    modes = runs.add_subparsers(dest="mode", metavar="{speed,converge}")
+    speed.register_cli(modes)
+    accuracy.register_converge_cli(modes)
 
 
-def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
+def _module_cli(module: str):
+    """The ``register_cli`` of ``module``, imported when called."""
+    return lambda commands: import_module(module).register_cli(commands)
+
+
+# Commands whose modules import torch, nnU-Net or the converters' dependencies: `nnunet-ext -h` lists them from
+# this table, and only the command that runs imports its module (`env` runs in shell start-up files).
+LAZY_COMMANDS = {
+    "convert": "convert microscopy exports into an nnU-Net raw dataset",
+    "sparsify": "simulate sparse slice annotation from a dense nnU-Net raw dataset",
+    "instances": "numbered nuclei (label TIFFs) from predicted border/interior segmentations",
+    "pseudolabels": "pseudo-label a fold's training cases with a trained model (e.g. 2d) in the preprocessed "
+                    "geometry of another configuration (e.g. 3d_fullres), for PseudoLabelWeightedTrainer",
+    "evaluate": "score predicted segmentations against dense ground truth (Dice, 2D Dice, clDice, Betti, ...)",
+    "benchmark": "trainers against stock nnU-Net on the same sparse labels "
+                 "(`benchmark speed`: step time and memory; `benchmark converge`: budgets)",
+}
+LAZY_REGISTER = {
+    "convert": _add_convert,
+    "sparsify": _module_cli("nnunet_ext.datasets.sparsify"),
+    "instances": _module_cli("nnunet_ext.datasets.instances"),
+    "pseudolabels": _module_cli("nnunet_ext.pseudo_label_generation"),
+    "evaluate": _module_cli("nnunet_ext.evaluation"),
+    "benchmark": _add_benchmark,
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``nnunet-ext``, complete for ``command`` (every command when None); the other lazy commands
+    are listed by name and help only."""
     parser = argparse.ArgumentParser(prog="nnunet-ext", description="nnU-Net v2 extensions for sparsely annotated 3D "
                                      "microscopy: run nnU-Net's own commands with our trainers (see README).")
+    parser.add_argument("--version", action="version", version=f"nnunet-ext {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     env = commands.add_parser("env", help="print the export lines nnU-Net needs to find our trainers")
@@ -122,22 +158,11 @@ def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
     attention.add_argument("--gates", action="store_true", help="add attention gates on the skip connections")
     attention.set_defaults(func=_plans_attention)
 
-    if with_conversion:
-        _add_conversion_commands(commands)
-        _add_pseudolabel_command(commands)
-
-    from nnunet_ext import benchmark, evaluation, speed
-
-    evaluation.register_cli(commands)
-    runs = commands.add_parser("benchmark", help="trainers against stock nnU-Net on the same sparse labels "
-                               "(`benchmark speed`: step time and memory; `benchmark converge`: budgets)",
-                               description="Train, predict and score trainers against stock nnU-Net over sparsity "
-                               "levels and seeds; `nnunet-ext benchmark speed -h` for the speed benchmark, `nnunet-ext benchmark "
-                               "converge -h` for the budget at which stock nnU-Net converges.")
-    benchmark.add_arguments(runs)
-    modes = runs.add_subparsers(dest="mode", metavar="{speed,converge}")
-    speed.register_cli(modes)
-    benchmark.register_converge_cli(modes)
+    for name, register in LAZY_REGISTER.items():
+        if command in (None, name):
+            register(commands)
+        else:
+            commands.add_parser(name, help=LAZY_COMMANDS[name])
 
     demo = commands.add_parser("demo", help="synth -> preprocess -> train -> predict -> Dice, on CPU")
     demo.add_argument("--out", default="nnunet_ext_demo", help="output folder (default: ./nnunet_ext_demo)")
@@ -146,13 +171,10 @@ def build_parser(with_conversion: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that need none of the converters' imports (dask, scikit-image): `env` runs in shell start-up files.
-LIGHT_COMMANDS = ("env", "synth", "plans", "demo", "evaluate", "benchmark")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(with_conversion=not (argv and argv[0] in LIGHT_COMMANDS)).parse_args(argv)
+    command = argv[0] if argv and argv[0] in LAZY_COMMANDS else ""  # "": no lazy module to import
+    args = build_parser(command).parse_args(argv)
     try:
         with sigterm_raises():  # a scheduler's SIGTERM then cleans up like any error
             args.func(args)

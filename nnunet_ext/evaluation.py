@@ -10,15 +10,23 @@ the foreground classes (``mean``). Results go to ``evaluation.json`` and ``evalu
 import csv
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
+from nnunet_ext.datasets.raw_dataset import check_output_folder
 from nnunet_ext.errors import UserError
-from nnunet_ext.raw_dataset import check_output_folder
-from nnunet_ext.metrics import (betti_errors, cldice, dice, dice_by_distance, masked_dice, mean_slice_dice,
-                                precision_recall, slice_distance_to_annotation)
+from nnunet_ext.metrics import (
+    betti_errors,
+    cldice,
+    dice,
+    dice_by_distance,
+    masked_dice,
+    mean_slice_dice,
+    precision_recall,
+    slice_distance_to_annotation,
+)
 
 LABEL_ENDINGS = (".nii.gz", ".nii", ".tif", ".tiff", ".mha", ".nrrd")
 MEAN = "mean"  # the "class" that holds each metric's mean over the foreground classes
@@ -37,7 +45,7 @@ def label_files(folder: Path) -> dict[str, Path]:
 
 
 def _read(path: Path) -> np.ndarray:
-    from nnunet_ext.dataset_conversion.readers import read_volume
+    from nnunet_ext.datasets.readers import read_volume
 
     return np.asarray(read_volume(path))
 
@@ -62,7 +70,7 @@ def parse_labels(items: Iterable[str]) -> dict[str, int]:
         try:
             labels[name or value] = int(value)
         except ValueError:
-            raise UserError(f"invalid label {item!r}: give NAME=VALUE or VALUE, e.g. --labels vessel=1 nucleus=2")
+            raise UserError(f"invalid label {item!r}: give NAME=VALUE or VALUE, e.g. --labels vessel=1 nucleus=2") from None
     return labels
 
 
@@ -230,10 +238,10 @@ def _same_shape(array: np.ndarray, shape: tuple, path: Path) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- output
 
 
-def _json_ready(value):
+def json_ready(value):
     """NaN -> None and int dict keys -> str, so the JSON is standard."""
     if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
@@ -244,7 +252,7 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / "evaluation.json", out_dir / "evaluation.csv"
-    json_path.write_text(json.dumps(_json_ready(results), indent=2) + "\n")
+    json_path.write_text(json.dumps(json_ready(results), indent=2) + "\n")
     rows = [(case, name, metrics) for case, classes in results["cases"].items() for name, metrics in classes.items()]
     rows += [(MEAN, name, metrics) for name, metrics in results["aggregate"].items()]
     columns = _flat_columns([metrics for *_, metrics in rows])

@@ -8,11 +8,11 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 

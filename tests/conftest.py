@@ -77,7 +77,7 @@ def tiny_env(tiny_dataset, monkeypatch) -> TinyDataset:
 def build_in_process(tiny_env, tmp_path):
     """``build(trainer_class, plans="nnUNetPlans_tiny", **kwargs)``: an initialized trainer on the tiny dataset,
     built in this process as nnUNetv2_train builds it (its results folder in tmp_path)."""
-    from nnunet_ext.steptime import build_trainer
+    from nnunet_ext.trainer_in_process import build_trainer
 
     def build(trainer_class, plans: str = "nnUNetPlans_tiny", **kwargs):
         return build_trainer(trainer_class, tiny_env.dataset_id, plans, scratch=str(tmp_path), **kwargs)

@@ -3,8 +3,12 @@
 import numpy as np
 import pytest
 
-from nnunet_ext.annotation_axis import (axis_from_dataset_json, axis_from_labels, find_annotation_axis,
-                                        lowest_resolution_axis)
+from nnunet_ext.annotation_axis import (
+    axis_from_dataset_json,
+    axis_from_labels,
+    find_annotation_axis,
+    lowest_resolution_axis,
+)
 
 IGNORE = 3
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from conftest import TINY_SHAPE, cli, train_env
+
 from nnunet_ext.architectures import AxialAttentionPlainConvUNet, SequentialAxialAttention
 from nnunet_ext.plans import derive_attention_plans
-from nnunet_ext.steptime import draw_batches
+from nnunet_ext.trainer_in_process import draw_batches
 from nnunet_ext.trainers import MeanTeacherContinuityTrainer
 
 pytestmark = pytest.mark.integration

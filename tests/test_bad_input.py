@@ -18,18 +18,19 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import tifffile
+from test_plans import stock_plans
+from test_sparsify import write_dense_dataset
 
-from nnunet_ext import cli, raw_dataset, sparsify, synth
-from nnunet_ext.dataset_conversion import fucci, lsfm, readers, selma3d
+from nnunet_ext import cli
+from nnunet_ext.dataset_conversion import fucci, lsfm, selma3d
+from nnunet_ext.datasets import raw_dataset, readers, sparsify, synth
+from nnunet_ext.datasets.raw_dataset import dataset_json, nifti_is_complete, write_image
+from nnunet_ext.datasets.synth import write_synthetic_dataset
 from nnunet_ext.errors import UserError, sigterm_raises
 from nnunet_ext.evaluation import evaluate_folder
 from nnunet_ext.nnunet_paths import NNUNET_FOLDERS
-from nnunet_ext.plans import derive_attention_plans, derive_tiny_plans
-from nnunet_ext.pseudolabels import create_pseudolabels
-from nnunet_ext.raw_dataset import dataset_json, nifti_is_complete, write_image
-from nnunet_ext.synth import write_synthetic_dataset
-from test_plans import stock_plans
-from test_sparsify import write_dense_dataset
+from nnunet_ext.plans import derive_attention_plans
+from nnunet_ext.pseudo_label_generation import create_pseudolabels
 
 TINY_SYNTH = dict(num_cases=1, num_test_cases=0, shape=(8, 16, 16))
 TINY_SYNTH_ARGS = ["--cases", "1", "--test-cases", "0", "--size", "8", "16", "16"]
@@ -390,7 +391,8 @@ def test_synth_refuses_a_size_beyond_memory(tmp_path, capsys):
 
 KILLED_SYNTH = """
 import pathlib, sys, time
-from nnunet_ext import cli, synth
+from nnunet_ext import cli
+from nnunet_ext.datasets import synth
 
 real_write = synth.write_image
 

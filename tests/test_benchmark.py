@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import nnunet_ext.benchmark as benchmark
-from nnunet_ext.benchmark import BenchmarkFolder, BenchmarkSettings, mean_std, paired_difference, run_benchmark
-from nnunet_ext.benchmark_data import Sparsity, vesselnn_pairs, write_dense
+import nnunet_ext.benchmarking.accuracy as benchmark
+from nnunet_ext.benchmarking.accuracy import (
+    BenchmarkFolder,
+    BenchmarkSettings,
+    mean_std,
+    paired_difference,
+    run_benchmark,
+)
+from nnunet_ext.benchmarking.recipes import Sparsity, vesselnn_pairs, write_dense
 from nnunet_ext.errors import UserError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -281,7 +287,7 @@ def test_a_real_benchmark_through_nnunet(tmp_path, monkeypatch):
 
 
 def _small_synth(recipe, raw_dir, dataset_id, name, sparsity, seed, dense_source=None):
-    from nnunet_ext.synth import write_synthetic_dataset
+    from nnunet_ext.datasets.synth import write_synthetic_dataset
 
     return write_synthetic_dataset(raw_dir, dataset_id, name="Small", num_cases=4, num_test_cases=1,
                                    shape=(16, 32, 32), every=sparsity.every, seed=seed)

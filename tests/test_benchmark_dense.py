@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import tifffile
 
-import nnunet_ext.benchmark as benchmark
-from nnunet_ext.benchmark import BenchmarkSettings, run_benchmark, run_convergence
-from nnunet_ext.benchmark_data import dense_test_split, held_out_cases, write_dense
+import nnunet_ext.benchmarking.accuracy as benchmark
+from nnunet_ext.benchmarking.accuracy import BenchmarkSettings, run_benchmark, run_convergence
+from nnunet_ext.benchmarking.recipes import dense_test_split, held_out_cases, write_dense
 from nnunet_ext.cli import main
+from nnunet_ext.datasets.raw_dataset import dataset_json, write_image
 from nnunet_ext.errors import UserError
-from nnunet_ext.raw_dataset import dataset_json, write_image
 
 CASES = [f"cell_{i:03d}" for i in range(4)]
 SHAPE = (12, 24, 24)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import tifffile
-
 from conftest import cli
-from nnunet_ext.raw_dataset import write_image
+
+from nnunet_ext.datasets.raw_dataset import write_image
 
 pytestmark = pytest.mark.integration
 

@@ -11,13 +11,13 @@ import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY_DATASET_ID, TINY_SHAPE, cli, train_env
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nnunet_ext.trainers.cps as cps_module
-from conftest import TINY_DATASET_ID, TINY_SHAPE, cli, train_env
 from nnunet_ext.semi_supervised import SoftmaxEnsemble, box_mask, cutmix, random_boxes, unlabeled_mask, unwrap
-from nnunet_ext.steptime import build_trainer, draw_batches
+from nnunet_ext.trainer_in_process import build_trainer, draw_batches
 from nnunet_ext.trainers import CPSCutMixTrainer, CPSCutMixTrainer_ensemble
 from nnunet_ext.trainers.semi_supervised_base import first_output
 

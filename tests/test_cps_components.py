@@ -8,8 +8,14 @@ import torch
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from torch import nn
 
-from nnunet_ext.semi_supervised import (SoftmaxEnsemble, box_mask, cross_pseudo_supervision_loss, cutmix,
-                                        random_boxes, resize_mask)
+from nnunet_ext.semi_supervised import (
+    SoftmaxEnsemble,
+    box_mask,
+    cross_pseudo_supervision_loss,
+    cutmix,
+    random_boxes,
+    resize_mask,
+)
 
 # ------------------------------------------------------------------------------------------------ CutMix geometry
 

@@ -4,9 +4,9 @@ import json
 import math
 
 import pytest
-
 from conftest import TEST_TRAINER_DIR
-from nnunet_ext.demo import MARKER, format_table, prepare_output_folder, run_demo
+
+from nnunet_ext.benchmarking.demo import MARKER, format_table, prepare_output_folder, run_demo
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR
 

@@ -1,15 +1,15 @@
 """``nnunet-ext evaluate``: per-case metrics of hand-built volumes, aggregation, files, table and bad input."""
 
 import csv
-import os
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import cli
+
 from nnunet_ext.errors import UserError
 from nnunet_ext.evaluation import MEAN, case_metrics, evaluate_folder, parse_labels
 

@@ -10,8 +10,8 @@ import tifffile
 from nnunetv2.imageio.tif_reader_writer import Tiff3DIO
 from skimage.exposure import equalize_hist
 
-from nnunet_ext import raw_dataset
 from nnunet_ext.dataset_conversion import fibsem
+from nnunet_ext.datasets import raw_dataset
 from nnunet_ext.errors import UserError
 
 SPACING = (10.0, 4.0, 5.0)  # z, y, x: three different values, so any axis mix-up shows

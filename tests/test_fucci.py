@@ -9,11 +9,11 @@ import SimpleITK as sitk
 import tifffile
 from nnunetv2.imageio.tif_reader_writer import Tiff3DIO
 
-from nnunet_ext import raw_dataset
 from nnunet_ext.dataset_conversion import fucci
 from nnunet_ext.dataset_conversion.fucci import Preprocessing, preprocess_channel, read_channels
+from nnunet_ext.datasets import raw_dataset
+from nnunet_ext.datasets.instances import semantic_to_instances
 from nnunet_ext.errors import UserError
-from nnunet_ext.instances import semantic_to_instances
 
 SHAPE = (4, 10, 12)  # z, y, x
 SPACING = (2.0, 0.5, 0.25)  # three different values: any axis mix-up shows

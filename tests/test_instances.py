@@ -1,4 +1,4 @@
-"""nnunet_ext.instances on hand-built volumes: border/interior labels, instances back, the CLI."""
+"""nnunet_ext.datasets.instances on hand-built volumes: border/interior labels, instances back, the CLI."""
 
 import argparse
 import json
@@ -8,8 +8,13 @@ import pytest
 import SimpleITK as sitk
 import tifffile
 
+from nnunet_ext.datasets.instances import (
+    instances_to_semantic,
+    register_cli,
+    remove_small_instances,
+    semantic_to_instances,
+)
 from nnunet_ext.errors import UserError
-from nnunet_ext.instances import instances_to_semantic, register_cli, remove_small_instances, semantic_to_instances
 
 # One z slice of two touching 3x3 boxes (ids 5 and 9), repeated over 3 slices; z edges are not borders.
 BOXES = np.array([

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import TINY_SHAPE, cli, train_env
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ import SimpleITK as sitk
 import tifffile
 
 from nnunet_ext.dataset_conversion import lsfm
+from nnunet_ext.datasets.sparsify import split_holdout
 from nnunet_ext.errors import UserError
-from nnunet_ext.sparsify import split_holdout
 
 SHAPE = (6, 4, 5)  # z, y, x
 SPACING = (5.0, 0.75, 1.5)  # three different values, so a (z, y, x) / (x, y, z) mix-up shows

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import TINY_SHAPE, cli, train_env
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from conftest import TINY_SHAPE, cli, train_env
-from nnunet_ext.steptime import draw_batches
-from nnunet_ext.trainers import MeanTeacherContinuityTrainer, MeanTeacherTrainer
 from nnunet_ext.semi_supervised import unwrap
+from nnunet_ext.trainer_in_process import draw_batches
+from nnunet_ext.trainers import MeanTeacherContinuityTrainer, MeanTeacherTrainer
 
 pytestmark = pytest.mark.integration
 TRAINER = "MeanTeacherContinuityTrainer_exttest"
@@ -27,8 +27,11 @@ def test_names_and_defaults_of_the_paper():
 
 
 def test_short_budget_variants_change_only_the_ema_decay():
-    from nnunet_ext.trainers import (MeanTeacherContinuityTrainer_demo, MeanTeacherContinuityTrainer_ema99,
-                                     MeanTeacherTrainer_ema99)
+    from nnunet_ext.trainers import (
+        MeanTeacherContinuityTrainer_demo,
+        MeanTeacherContinuityTrainer_ema99,
+        MeanTeacherTrainer_ema99,
+    )
 
     for variant, base in [(MeanTeacherTrainer_ema99, MeanTeacherTrainer),
                           (MeanTeacherContinuityTrainer_ema99, MeanTeacherContinuityTrainer)]:
@@ -38,10 +41,16 @@ def test_short_budget_variants_change_only_the_ema_decay():
 
 
 def test_ablation_variants_change_only_their_hypothesis():
-    from nnunet_ext.trainers import (MeanTeacherContinuityTrainer_ema99, MeanTeacherContinuityTrainer_ema99_fixed,
-                                     MeanTeacherTrainer_ema99, MeanTeacherTrainer_ema99_cleansup,
-                                     MeanTeacherTrainer_ema99_fixed, MeanTeacherTrainer_ema99_lambda1,
-                                     MeanTeacherTrainer_ema99_nossl, MeanTeacherTrainer_ema99_rawconf)
+    from nnunet_ext.trainers import (
+        MeanTeacherContinuityTrainer_ema99,
+        MeanTeacherContinuityTrainer_ema99_fixed,
+        MeanTeacherTrainer_ema99,
+        MeanTeacherTrainer_ema99_cleansup,
+        MeanTeacherTrainer_ema99_fixed,
+        MeanTeacherTrainer_ema99_lambda1,
+        MeanTeacherTrainer_ema99_nossl,
+        MeanTeacherTrainer_ema99_rawconf,
+    )
 
     fixed = {"consistency_weight": 1.0, "confidence_temperature": 1.0, "perturbed_network": "teacher"}
     for variant, base, changes in [

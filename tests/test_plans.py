@@ -8,8 +8,13 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.plans import (attention_feature_maps, derive_attention_plans, derive_plans, derive_tiny_plans,
-                              resolve_configuration)
+from nnunet_ext.plans import (
+    attention_feature_maps,
+    derive_attention_plans,
+    derive_plans,
+    derive_tiny_plans,
+    resolve_configuration,
+)
 
 
 def architecture(dim: int, strides: list, features: list) -> dict:

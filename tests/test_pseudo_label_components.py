@@ -21,8 +21,15 @@ from nnunetv2.utilities.helpers import softmax_helper_dim1
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ext.errors import UserError
-from nnunet_ext.pseudolabels import (StackedChannels, fold_split, missing_cases, parse_fold, pseudo_label_array,
-                                     save_pseudo_labels, to_preprocessed_geometry)
+from nnunet_ext.pseudo_label_generation import (
+    StackedChannels,
+    fold_split,
+    missing_cases,
+    parse_fold,
+    pseudo_label_array,
+    save_pseudo_labels,
+    to_preprocessed_geometry,
+)
 from nnunet_ext.semi_supervised import VoxelWeightedDiceCE, split_pseudo_label_target
 from nnunet_ext.trainers import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
 

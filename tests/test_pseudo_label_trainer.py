@@ -14,15 +14,21 @@ import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from conftest import TINY_SHAPE, cli, train_env
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from conftest import TINY_SHAPE, cli, train_env
 from nnunet_ext.nnunet_paths import dataset_folder
-from nnunet_ext.pseudolabels import (load_record, pseudo_label_array, pseudo_label_folder, save_pseudo_labels,
-                                     to_preprocessed_geometry, write_record)
+from nnunet_ext.pseudo_label_generation import (
+    load_record,
+    pseudo_label_array,
+    pseudo_label_folder,
+    save_pseudo_labels,
+    to_preprocessed_geometry,
+    write_record,
+)
 from nnunet_ext.semi_supervised.pseudo_label import CONFIDENCE_SCALE
-from nnunet_ext.steptime import draw_batches
+from nnunet_ext.trainer_in_process import draw_batches
 from nnunet_ext.trainers import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Tests for nnunet_ext.dataset_conversion.readers: TIFF stacks, slice folders, NIfTI and HDF5, and their errors."""
+"""Tests for nnunet_ext.datasets.readers: TIFF stacks, slice folders, NIfTI and HDF5, and their errors."""
 
 import h5py
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 import tifffile
 
-from nnunet_ext.dataset_conversion import readers
+from nnunet_ext.datasets import readers
 from nnunet_ext.errors import UserError
 
 

@@ -7,14 +7,14 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-import pytest
-from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 import nnunetv2
+import pytest
+from conftest import BIN, TEST_TRAINER_DIR
+from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
 import nnunet_ext.trainers as ours
 from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR, ext_trainer_value, registry_folder
-from conftest import BIN, TEST_TRAINER_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 BARE_NAMES = {"trainers", "architectures", "dataset_conversion"}

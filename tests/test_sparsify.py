@@ -1,4 +1,4 @@
-"""Tests for nnunet_ext.sparsify: hold-out split and sparse copies of dense nnU-Net raw datasets.
+"""Tests for nnunet_ext.datasets.sparsify: hold-out split and sparse copies of dense nnU-Net raw datasets.
 
 nnU-Net's integrity check spawns a worker (~4 s), so it runs for real twice (a hand-built NIfTI dataset and a crop of
 the real FIB-SEM data); the other tests replace it with a recorder.
@@ -14,11 +14,11 @@ import pytest
 import SimpleITK as sitk
 import tifffile
 
-from nnunet_ext import sparsify
-from nnunet_ext.dataset_conversion.readers import read_hdf5
+from nnunet_ext.datasets import sparsify
+from nnunet_ext.datasets.raw_dataset import dataset_json, write_image
+from nnunet_ext.datasets.readers import read_hdf5
+from nnunet_ext.datasets.sparsify import sparsify_dataset, split_holdout
 from nnunet_ext.errors import UserError
-from nnunet_ext.raw_dataset import dataset_json, write_image
-from nnunet_ext.sparsify import sparsify_dataset, split_holdout
 
 SHAPE = (6, 4, 5)  # z, y, x
 SPACING = (3.0, 0.5, 0.25)

@@ -1,4 +1,4 @@
-"""Tests for nnunet_ext.synth: sparsity helpers, the case generator and the raw-dataset writer."""
+"""Tests for nnunet_ext.datasets.synth: sparsity helpers, the case generator and the raw-dataset writer."""
 
 import json
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_ext import synth
+from nnunet_ext.datasets import synth
+from nnunet_ext.datasets.sparsify import annotated_slices, sparsify
+from nnunet_ext.datasets.synth import make_case, write_synthetic_dataset
 from nnunet_ext.errors import UserError
-from nnunet_ext.synth import annotated_slices, make_case, sparsify, write_synthetic_dataset
 
 SHAPE = (16, 32, 32)
 # Three different values, so any (z, y, x) / (x, y, z) mix-up shows up in the read-back checks.

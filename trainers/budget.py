@@ -12,7 +12,7 @@ class TrainingBudgetMixin:
 
     # Same signature as nnUNetTrainer: nnU-Net rebuilds trainers from their recorded init arguments.
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.budget_epochs
         self.num_iterations_per_epoch = self.budget_iterations_per_epoch

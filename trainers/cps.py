@@ -15,14 +15,21 @@ one after the other, so one step holds the activations of one network at a time,
 
 import numpy as np
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.collate_outputs import collate_outputs
-
-from nnunet_ext.semi_supervised import (SoftmaxEnsemble, box_mask, cross_pseudo_supervision_loss, cutmix,
-                                        linear_warmup, random_boxes, unlabeled_mask, unwrap)
+from nnunet_ext.semi_supervised import (
+    SoftmaxEnsemble,
+    box_mask,
+    cross_pseudo_supervision_loss,
+    cutmix,
+    linear_warmup,
+    random_boxes,
+    unlabeled_mask,
+    unwrap,
+)
 from nnunet_ext.semi_supervised.cps import CPS_LOSSES
 from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer, first_output
 

@@ -10,8 +10,15 @@ unlabeled slices along the annotation axis. Both weights ramp up with exp(-5 (1 
 import torch
 
 from nnunet_ext.annotation_axis import find_annotation_axis
-from nnunet_ext.semi_supervised import (EMATeacher, StrongIntensityPerturbation, axial_continuity_loss,
-                                        sharpened_consistency_loss, sigmoid_rampup, unlabeled_mask, unwrap)
+from nnunet_ext.semi_supervised import (
+    EMATeacher,
+    StrongIntensityPerturbation,
+    axial_continuity_loss,
+    sharpened_consistency_loss,
+    sigmoid_rampup,
+    unlabeled_mask,
+    unwrap,
+)
 from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer, first_output
 
 # Label volumes read to infer the annotation axis when dataset.json does not record it.

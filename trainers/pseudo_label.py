@@ -13,8 +13,13 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-from nnunet_ext.pseudolabels import (PseudoLabelDataset, load_record, missing_cases, pseudo_label_folder,
-                                     pseudolabels_command)
+from nnunet_ext.pseudo_label_generation import (
+    PseudoLabelDataset,
+    load_record,
+    missing_cases,
+    pseudo_label_folder,
+    pseudolabels_command,
+)
 from nnunet_ext.semi_supervised import VoxelWeightedDiceCE, split_pseudo_label_target, unlabeled_mask
 from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer
 

@@ -7,12 +7,11 @@ import matplotlib.pyplot as plt  # nnU-Net's logger has already chosen the non-i
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join
-from torch import autocast
-from torch import distributed as dist
-
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+from torch import distributed as dist
 
 from nnunet_ext.sampling import UniformPatchMixDataset, load_probability
 from nnunet_ext.semi_supervised import unwrap

@@ -1,6 +1,6 @@
 """Volume-level Dice."""
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -6,7 +6,7 @@ Channel layout of a training target with pseudo-labels, (B, 3, *spatial) integer
     2: the pseudo-label's confidence, quantised to 0..CONFIDENCE_SCALE
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -6,8 +6,12 @@ used with nnUNet_n_proc_DA=0, where nothing needs to pickle them.
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.trainers import (CPSCutMixTrainer, CPSCutMixTrainer_ensemble, MeanTeacherContinuityTrainer,
-                                 PseudoLabelWeightedTrainer)
+from nnunet_ext.trainers import (
+    CPSCutMixTrainer,
+    CPSCutMixTrainer_ensemble,
+    MeanTeacherContinuityTrainer,
+    PseudoLabelWeightedTrainer,
+)
 from nnunet_ext.trainers.budget import TrainingBudgetMixin
 
 

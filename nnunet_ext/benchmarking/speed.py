@@ -2,7 +2,8 @@
 
 All trainers are built on the same plans and replay the very same augmented batches (data loading excluded);
 their steps are interleaved in one process and the median is taken, so the ratios hold on a noisy machine. The
-step peak memory of each trainer is measured in a fresh process on the same batches (``nnunet_ext.steptime``).
+step peak memory of each trainer is measured in a fresh process on the same batches
+(``nnunet_ext.benchmarking.steptime``).
 SSL trainers are measured at mid-training (``current_epoch = num_epochs // 2``), where their weights are full.
 """
 
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from nnunet_ext.benchmarking.steptime import CPU_MEMORY_ENV, max_step_peak_bytes, median_step_seconds
 from nnunet_ext.errors import UserError
-from nnunet_ext.steptime import CPU_MEMORY_ENV, build_trainer, draw_batches, max_step_peak_bytes, median_step_seconds
+from nnunet_ext.trainer_in_process import build_trainer, draw_batches
 
 REFERENCE = "nnUNetTrainer"
 
@@ -26,11 +28,10 @@ REFERENCE = "nnUNetTrainer"
 def find_trainer_class(name: str, search_ext_folders: bool = True) -> type:
     """A trainer class by name: ours (``nnunet_ext.trainers``), nnU-Net's own, then ``$nnUNet_extTrainer``'s."""
     import nnunetv2
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
     import nnunet_ext.trainers as ours
-
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     if name == nnUNetTrainer.__name__:
         return nnUNetTrainer
@@ -96,7 +97,7 @@ def measure_speed(dataset, trainers: list[str], plans: str = "nnUNetPlans_tiny",
 
 def _peak_bytes_in_fresh_process(name: str, dataset, plans: str, configuration: str, device: str,
                                  batch_file: Path) -> float:
-    command = [sys.executable, "-m", "nnunet_ext.speed", name, str(dataset), plans, configuration, device,
+    command = [sys.executable, "-m", "nnunet_ext.benchmarking.speed", name, str(dataset), plans, configuration, device,
                str(batch_file)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **CPU_MEMORY_ENV})
     if done.returncode != 0:

@@ -20,25 +20,110 @@ import json
 import math
 import numbers
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import tifffile
 
-from nnunet_ext.dataset_conversion.readers import read_nifti, read_tiff
+from nnunet_ext.datasets.raw_dataset import (
+    FILE_ENDINGS,
+    add_output_arguments,
+    atomic_dataset_folder,
+    check_axis,
+    check_dataset_id_and_name,
+    check_free,
+    check_seed,
+    copy_label,
+    dataset_folder_name,
+    is_int,
+    undeclared_values,
+    verify_raw_dataset,
+    write_image,
+    write_nifti,
+)
+from nnunet_ext.datasets.readers import read_nifti, read_tiff
 from nnunet_ext.errors import UserError
-from nnunet_ext.raw_dataset import FILE_ENDINGS, check_free, dataset_folder_name, verify_raw_dataset, write_image
-from nnunet_ext.raw_dataset import atomic_dataset_folder, copy_label, undeclared_values, write_nifti
-from nnunet_ext.raw_dataset import add_output_arguments, check_axis, check_dataset_id_and_name, check_seed
-from nnunet_ext.synth import annotated_slices, sparsify
 
 IGNORE = "ignore"
 DENSE_FOLDER = "labelsTr_dense"
 HOLDOUT_FOLDER = "labelsTr_holdout"
 _FORMAT_OF_ENDING = {ending: file_format for file_format, ending in FILE_ENDINGS.items()}
 _COPIED_FOLDERS = ("imagesTr", "imagesTs", "labelsTs")
+
+
+# --------------------------------------------------------------------------------------------- sparsity
+
+
+def annotated_slices(length: int, every: int | None = None, n_slices: int | None = None,
+                     axis: int | None = None) -> list[int]:
+    """Indices of the annotated slices along the annotation axis.
+
+    Args:
+        length: number of slices along the annotation axis (>= 1).
+        every: annotate slices 0, k, 2k, ... (< length) for ``every=k`` (k >= 1).
+        n_slices: annotate N evenly spaced slices, slice i at ``floor((i + 0.5) * length / N)`` (1 <= N <= length).
+        axis: the annotation axis, named in error messages when given.
+
+    Returns:
+        Sorted list of distinct slice indices in ``[0, length)``.
+
+    Raises:
+        UserError: unless exactly one of ``every`` / ``n_slices`` is given and in range.
+    """
+    where = "the annotation axis" if axis is None else f"axis {axis}"
+    if not is_int(length) or length < 1:
+        raise UserError(f"invalid sparsity: the annotation axis has {length!r} slices; it needs at least 1")
+    if every is not None and n_slices is not None:
+        raise UserError("invalid sparsity: both --every and --slices were given; choose one of them")
+    if every is None and n_slices is None:
+        raise UserError(
+            "invalid sparsity: no annotated slices requested; give --every K (every K-th slice) "
+            "or --slices N (N evenly spaced slices)"
+        )
+    if every is not None:
+        if not is_int(every) or every < 1:
+            raise UserError(f"invalid sparsity: --every {every!r} is not a positive integer; choose 1 or more")
+        return list(range(0, length, int(every)))
+    if not is_int(n_slices) or n_slices < 1:
+        raise UserError(f"invalid sparsity: --slices {n_slices!r} is not a positive integer; choose 1..{length}")
+    if n_slices > length:
+        raise UserError(
+            f"invalid sparsity: --slices {n_slices} exceeds the {length} slices along {where}; choose 1..{length}"
+        )
+    n = int(n_slices)
+    # Integer form of floor((i + 0.5) * length / n): no float rounding surprises.
+    return [((2 * i + 1) * length) // (2 * n) for i in range(n)]
+
+
+def sparsify(dense: np.ndarray, axis: int, slices: Sequence[int], ignore_label: int) -> np.ndarray:
+    """Sparse copy of a dense label map.
+
+    Args:
+        dense: label array of any integer dtype and shape (3D (z, y, x) in this project).
+        axis: annotation axis of ``dense``.
+        slices: indices along ``axis`` that keep their dense values.
+        ignore_label: value written to every other voxel.
+
+    Returns:
+        New array, same shape and dtype as ``dense``: ``dense`` on the given slices, ``ignore_label`` elsewhere.
+
+    Raises:
+        ValueError: for an axis or slice index outside ``dense``.
+    """
+    dense = np.asarray(dense)
+    if not -dense.ndim <= axis < dense.ndim:
+        raise ValueError(f"axis {axis} is out of range for an array with {dense.ndim} dimensions")
+    keep = np.asarray(list(slices), dtype=np.intp)
+    length = dense.shape[axis]
+    if keep.size and (keep.min() < 0 or keep.max() >= length):
+        raise ValueError(f"slice indices {keep.tolist()} must lie in 0..{length - 1} along axis {axis}")
+    out = np.full_like(dense, ignore_label)
+    index = [slice(None)] * dense.ndim
+    index[axis] = keep
+    out[tuple(index)] = dense[tuple(index)]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- hold-out

@@ -25,9 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_ext.datasets.raw_dataset import (
+    atomic_dataset_folder,
+    dataset_folder_name,
+    dataset_json,
+    verify_raw_dataset,
+    write_image,
+)
 from nnunet_ext.errors import UserError
-from nnunet_ext.raw_dataset import atomic_dataset_folder, dataset_folder_name, dataset_json, verify_raw_dataset
-from nnunet_ext.raw_dataset import write_image
 
 _SPARSITY = re.compile(r"^(?:(every|slices):)?(\d+)$")
 
@@ -102,11 +107,11 @@ def write_sparse_dataset(recipe: str, raw_dir: Path, dataset_id: int, name: str,
                          dense_source: Path | None = None) -> Path:
     """One sparse raw dataset of ``recipe``; real-data recipes sparsify ``dense_source`` (see ``write_dense``)."""
     if recipe == "synth":
-        from nnunet_ext.synth import write_synthetic_dataset
+        from nnunet_ext.datasets.synth import write_synthetic_dataset
 
         return write_synthetic_dataset(raw_dir, dataset_id, name=name, every=sparsity.every,
                                        n_slices=sparsity.n_slices, seed=seed, **SYNTH_CASES)
-    from nnunet_ext.sparsify import sparsify_dataset
+    from nnunet_ext.datasets.sparsify import sparsify_dataset
 
     return sparsify_dataset(dense_source, raw_dir, dataset_id, name=name, every=sparsity.every,
                             n_slices=sparsity.n_slices)
@@ -175,7 +180,7 @@ def dense_test_split(source: Path, test_cases: int | None) -> tuple[dict, str, l
     Test volumes are the source's imagesTs/labelsTs when it has labelsTs (nothing held out then), else
     ``held_out_cases``.
     """
-    from nnunet_ext.sparsify import check_dense_source
+    from nnunet_ext.datasets.sparsify import check_dense_source
 
     source = Path(source)
     if not source.is_dir():
@@ -239,7 +244,7 @@ def vesselnn_pairs(data_dir: Path) -> dict[str, tuple[Path, Path]]:
 
 def _write_vesselnn(data_dir: Path, folder: Path, name: str) -> None:
     from nnunet_ext.dataset_conversion.lsfm import downsample_in_plane
-    from nnunet_ext.dataset_conversion.readers import read_tiff
+    from nnunet_ext.datasets.readers import read_tiff
 
     pairs = vesselnn_pairs(data_dir)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
@@ -265,7 +270,7 @@ def _write_vesselnn(data_dir: Path, folder: Path, name: str) -> None:
 
 
 def _write_gala(data_dir: Path, folder: Path, name: str) -> None:
-    from nnunet_ext.dataset_conversion.readers import read_hdf5
+    from nnunet_ext.datasets.readers import read_hdf5
 
     image, instances = (read_hdf5(data_dir / file, GALA_KEY) for file in GALA_FILES)
     if image.shape != instances.shape:

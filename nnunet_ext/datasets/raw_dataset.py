@@ -15,9 +15,9 @@ import shutil
 import socket
 import struct
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk

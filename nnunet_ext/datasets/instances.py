@@ -27,7 +27,7 @@ import tifffile
 from scipy import ndimage
 from skimage.segmentation import relabel_sequential, watershed
 
-from nnunet_ext.dataset_conversion import readers
+from nnunet_ext.datasets import readers
 from nnunet_ext.errors import UserError
 
 BACKGROUND, BORDER, INTERIOR = 0, 1, 2

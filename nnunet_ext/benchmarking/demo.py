@@ -5,23 +5,26 @@ synth -> nnUNetv2_plan_and_preprocess -> plans tiny -> nnUNetv2_train -> nnUNetv
 
 import json
 import math
-import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
 
+from nnunet_ext.benchmarking.commands import (
+    EPOCH_LINE,
+    PREDICT_LINE,
+    nnunet_command,
+    nnunet_environment,
+    run_logged,
+    training_environment,
+)
+from nnunet_ext.datasets.synth import LABELS, write_synthetic_dataset
 from nnunet_ext.errors import UserError
 from nnunet_ext.metrics import dice_per_class
-from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR, NNUNET_FOLDERS, ext_trainer_value
 from nnunet_ext.plans import TINY_PLANS
-from nnunet_ext.synth import LABELS, write_synthetic_dataset
 
 DEMO_DATASET_ID = 501
 DEMO_TRAINERS = ("nnUNetTrainer_demo", "MeanTeacherContinuityTrainer_demo")  # stock reference first
@@ -32,36 +35,6 @@ MARKER = "nnunet_ext_demo.json"
 DEMO_CAVEAT = ("This budget (25 x 40 steps, one run, 2 test volumes) is too short to show whether a trainer beats "
                "stock nnU-Net: it shows the pipeline. `nnunet-ext benchmark` measures that over seeds at converged "
                "budgets.")
-EPOCH_LINE = re.compile(r"\bEpoch \d+\s*$")
-PREDICT_LINE = re.compile(r"^perform_everything_on_device:")  # printed once per case
-
-
-def nnunet_command(name: str) -> str:
-    """Path of an nnU-Net console script, preferring the one installed beside this Python."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if found is None:
-        raise UserError(f"{name} not found: install nnunetv2 in this environment (pip install nnunetv2)")
-    return found
-
-
-def run_logged(title: str, command: list[str], env: dict, log: Path, progress: re.Pattern | None = None,
-               total: int | None = None, leave: bool = True) -> None:
-    """Run ``command``, its output going to ``log``; show a bar advanced by lines matching ``progress``."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    unit = "step" if progress else "line"
-    with open(log, "w") as out, tqdm(total=total, desc=title, unit=unit, leave=leave) as bar:
-        out.write("$ " + " ".join(command) + "\n")
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in process.stdout:
-            out.write(line)
-            if progress is None or progress.search(line):
-                bar.update(1)
-        if process.wait() != 0:
-            out.flush()
-            tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-            print(tail, file=sys.stderr)
-            raise UserError(f"{title} failed (exit {process.returncode}); full output in {log}")
 
 
 def prepare_output_folder(out: Path) -> None:
@@ -72,20 +45,6 @@ def prepare_output_folder(out: Path) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S")}))
-
-
-def demo_environment(out: Path) -> dict:
-    env = dict(os.environ)
-    env.update({var: str(out / var) for var in NNUNET_FOLDERS})
-    env[EXT_TRAINER_VAR] = ext_trainer_value(env.get(EXT_TRAINER_VAR))
-    # nnU-Net starts 8 worker processes by default: on a small machine their start-up alone takes minutes.
-    env.setdefault("nnUNet_def_n_proc", str(min(4, os.cpu_count() or 1)))
-    return env
-
-
-def training_environment(env: dict) -> dict:
-    """Augmentation in the main process (planning must not see this: it sets torch threads from it)."""
-    return {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0")}
 
 
 def score_predictions(pred_dir: Path, gt_dir: Path, labels: dict[str, int]) -> dict[str, float]:
@@ -119,7 +78,7 @@ def run_demo(out: Path, device: str = "cpu", trainers: tuple[str, ...] = DEMO_TR
     """Run the demo into ``out`` and print the test-set Dice table; returns {trainer: {class: Dice}}."""
     out = out.expanduser().resolve()
     prepare_output_folder(out)
-    env = demo_environment(out)
+    env = nnunet_environment(out)
     logs = out / "logs"
     nproc = env["nnUNet_def_n_proc"]
     started = time.time()

@@ -24,9 +24,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from nnunet_ext.datasets.raw_dataset import (
+    atomic_dataset_folder,
+    check_axis,
+    check_dataset_id_and_name,
+    check_seed,
+    check_spacing,
+    dataset_folder_name,
+    is_int,
+    write_image,
+)
+from nnunet_ext.datasets.sparsify import annotated_slices, sparsify
 from nnunet_ext.errors import UserError
-from nnunet_ext.raw_dataset import (atomic_dataset_folder, check_axis, check_dataset_id_and_name, check_seed,
-                                    check_spacing, dataset_folder_name, is_int, write_image)
 
 LABELS = {"background": 0, "vessel": 1, "nucleus": 2, "ignore": 3}
 IGNORE_LABEL = LABELS["ignore"]
@@ -44,81 +53,6 @@ _CAMERA_OFFSET = 100.0
 _READ_NOISE = 4.0
 _MAX_ATTEMPTS = 8
 _MAX_SEGMENTS = 4000  # per tree; bounds the run time of pathological draws
-
-
-# --------------------------------------------------------------------------------------------- sparsity
-
-
-def annotated_slices(length: int, every: int | None = None, n_slices: int | None = None) -> list[int]:
-    """Indices of the annotated slices along the annotation axis.
-
-    Args:
-        length: number of slices along the annotation axis (>= 1).
-        every: annotate slices 0, k, 2k, ... (< length) for ``every=k`` (k >= 1).
-        n_slices: annotate N evenly spaced slices, slice i at ``floor((i + 0.5) * length / N)`` (1 <= N <= length).
-
-    Returns:
-        Sorted list of distinct slice indices in ``[0, length)``.
-
-    Raises:
-        UserError: unless exactly one of ``every`` / ``n_slices`` is given and in range.
-    """
-    return _annotated_slices(length, every, n_slices, axis=None)
-
-
-def _annotated_slices(length: int, every: int | None, n_slices: int | None, axis: int | None) -> list[int]:
-    where = "the annotation axis" if axis is None else f"axis {axis}"
-    if not is_int(length) or length < 1:
-        raise UserError(f"invalid sparsity: the annotation axis has {length!r} slices; it needs at least 1")
-    if every is not None and n_slices is not None:
-        raise UserError("invalid sparsity: both --every and --slices were given; choose one of them")
-    if every is None and n_slices is None:
-        raise UserError(
-            "invalid sparsity: no annotated slices requested; give --every K (every K-th slice) "
-            "or --slices N (N evenly spaced slices)"
-        )
-    if every is not None:
-        if not is_int(every) or every < 1:
-            raise UserError(f"invalid sparsity: --every {every!r} is not a positive integer; choose 1 or more")
-        return list(range(0, length, int(every)))
-    if not is_int(n_slices) or n_slices < 1:
-        raise UserError(f"invalid sparsity: --slices {n_slices!r} is not a positive integer; choose 1..{length}")
-    if n_slices > length:
-        raise UserError(
-            f"invalid sparsity: --slices {n_slices} exceeds the {length} slices along {where}; choose 1..{length}"
-        )
-    n = int(n_slices)
-    # Integer form of floor((i + 0.5) * length / n): no float rounding surprises.
-    return [((2 * i + 1) * length) // (2 * n) for i in range(n)]
-
-
-def sparsify(dense: np.ndarray, axis: int, slices: Sequence[int], ignore_label: int) -> np.ndarray:
-    """Sparse copy of a dense label map.
-
-    Args:
-        dense: label array of any integer dtype and shape (3D (z, y, x) in this project).
-        axis: annotation axis of ``dense``.
-        slices: indices along ``axis`` that keep their dense values.
-        ignore_label: value written to every other voxel.
-
-    Returns:
-        New array, same shape and dtype as ``dense``: ``dense`` on the given slices, ``ignore_label`` elsewhere.
-
-    Raises:
-        ValueError: for an axis or slice index outside ``dense``.
-    """
-    dense = np.asarray(dense)
-    if not -dense.ndim <= axis < dense.ndim:
-        raise ValueError(f"axis {axis} is out of range for an array with {dense.ndim} dimensions")
-    keep = np.asarray(list(slices), dtype=np.intp)
-    length = dense.shape[axis]
-    if keep.size and (keep.min() < 0 or keep.max() >= length):
-        raise ValueError(f"slice indices {keep.tolist()} must lie in 0..{length - 1} along axis {axis}")
-    out = np.full_like(dense, ignore_label)
-    index = [slice(None)] * dense.ndim
-    index[axis] = keep
-    out[tuple(index)] = dense[tuple(index)]
-    return out
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -506,7 +440,7 @@ def _dataset_json(name: str, train_ids: list[str], slices: list[int], config: di
     return {
         "name": name,
         "description": (
-            "Synthetic sparsely annotated 3D fluorescence microscopy (nnunet_ext.synth): vessels and nuclei; "
+            "Synthetic sparsely annotated 3D fluorescence microscopy (nnunet_ext.datasets.synth): vessels and nuclei; "
             f"labelsTr keep {len(slices)} of {shape[axis]} slices along axis {axis} and mark all other voxels "
             f"as ignore ({IGNORE_LABEL}); labelsTr_dense holds the full ground truth"
         ),
@@ -560,7 +494,7 @@ def write_synthetic_dataset(raw_dir, dataset_id: int, name: str = "SynthMicrosco
     """
     _check_args(dataset_id, name, num_cases, num_test_cases, axis, seed)
     shape, spacing = _check_shape(shape), check_spacing(spacing)
-    slices = _annotated_slices(shape[axis], every, n_slices, axis=axis)
+    slices = annotated_slices(shape[axis], every, n_slices, axis=axis)
     config = {"dataset_id": int(dataset_id), "name": name, "num_cases": int(num_cases),
               "num_test_cases": int(num_test_cases), "shape": list(shape), "spacing": list(spacing),
               "axis": int(axis), "every": None if every is None else int(every),
