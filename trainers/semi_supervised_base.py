@@ -135,6 +135,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
+        # Keys of nnunetv2 2.8.1's nnUNetTrainer.save_checkpoint (tests/test_checkpoint_keys.py checks none is missing).
         checkpoint = {
             "network_weights": self.inference_network().state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
