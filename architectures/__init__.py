@@ -1,4 +1,4 @@
-"""Networks with the dynamic-network-architectures constructor contract (DESIGN.md 5) and their building blocks.
+"""Networks with the dynamic-network-architectures constructor contract and their building blocks.
 
 A plans file selects a network by dotted name, e.g.
 ``nnunet_ext.architectures.axial_attention_unet.AxialAttentionPlainConvUNet``.

@@ -1,6 +1,4 @@
-"""SELMA3D (MICCAI 2024 light-sheet mouse-brain challenge) -> one nnU-Net raw dataset.
-
-Two inputs, usable alone or together in one call (they end up in the same dataset):
+"""SELMA3D (MICCAI 2024 light-sheet mouse-brain challenge) -> one nnU-Net raw dataset, from either input or both:
 
 * **Annotated patches**: NIfTI image/label pairs of ONE structure (vessel, c-Fos cell, nucleus, Abeta plaque or
   microglia). Accepted layouts of the ``patches`` folder:
@@ -11,37 +9,26 @@ Two inputs, usable alone or together in one call (they end up in the same datase
   - challenge root: ``<structure>/raw`` + ``<structure>/gt`` for several structures side by side; the
     sub-folder whose name matches ``structure`` (e.g. ``vessel``, ``Vessels``, ``c-Fos``, ``Abeta_plaques``) is used.
 
-  Every image and label is reoriented to LPS (``sitk.DICOMOrient``: identity direction, the orientation
-  nnU-Net's SimpleITK reader and our writers assume), so arrays of images given in any axis-aligned
-  orientation (RAS, permuted axes, ...) come out in the same voxel order; spacing (z, y, x) is read from the
-  header after reorientation. Image and label must then share size, spacing, origin and direction. The
-  written files keep spacing only (origin 0, identity direction): nnU-Net needs nothing else. Images keep
-  their dtype (uint16/int16 as exported). Labels must be binary masks: values within {0, 1}, or within
-  {0, 255} (255 is mapped to 1); anything else is refused.
+  Images and labels are reoriented to LPS (identity direction, as nnU-Net's SimpleITK reader assumes), so any
+  axis-aligned orientation gives the same voxel order; spacing (z, y, x) is read after reorientation, and image
+  and label must share size, spacing, origin and direction. Files are written with spacing only (origin 0,
+  identity direction), images in their own dtype. Labels must be binary: within {0, 1} or {0, 255} (255 -> 1).
 
-* **Unannotated whole brains**: folders of 2D 8/16-bit integer slices (SELMA3D: int16 TIFF, thousands of
-  ~5000x3000 slices). Each volume is cut into sub-volumes of ``size`` (z, y, x) on a regular grid starting at
-  voxel (0, 0, 0), without overlap; incomplete tiles at the far edges are dropped. A sub-volume is kept when
-  more than ``min_foreground`` percent of its voxels are > ``threshold``. Kept sub-volumes are written in the
-  slices' dtype (int16 stays int16: negative values are kept as they are) with a label file filled with the
-  ignore label. Float or 32-bit slices are refused (SELMA3D exports are 16-bit; a float export is usually an
-  already-normalised volume for which an intensity threshold means something else).
+* **Unannotated whole brains**: folders of 2D 8/16-bit integer slices (float or 32-bit slices are refused), cut
+  into sub-volumes of ``size`` (z, y, x) on a regular grid from voxel (0, 0, 0), without overlap, incomplete edge
+  tiles dropped. A sub-volume is kept when more than ``min_foreground`` percent of its voxels are > ``threshold``
+  and written in the slices' dtype with a label file of ignore only.
 
-Streaming: the slices are processed one slab of ``size[0]`` slices at a time, one Dask task per slice (read it,
-count its voxels above the threshold per tile); the kept tiles are copied out of the slab and written while the
-next slab is read, so memory is bounded by one slab plus half a slab of tiles waiting to be written, whatever
-the volume size. The slab and the tiles are buffers reused from slab to slab (fresh arrays fault every page in
-again: 0.7-2.7 s of kernel time per 2 GB on the 2-core VM measured, more than reading the slices). With a
-scheduler address the reads and counts run on that Dask cluster (its workers must see the slice files at the
-same paths and have nnunet_ext installed) and send the slices back; writing always happens here, where the
-dataset folder is.
+Whole brains stream one slab of ``size[0]`` slices at a time (one Dask task per slice: read it, count its voxels
+above the threshold per tile); kept tiles are written while the next slab is read, so memory is bounded by one
+slab plus half a slab of tiles, whatever the volume size. With a scheduler address the reads and counts run on
+that Dask cluster (its workers must see the slice files at the same paths and have nnunet_ext installed);
+writing always happens here, where the dataset folder is.
 
-Labels of the whole dataset: background 0, the structure 1, ignore 2 (the highest value, as nnU-Net
-requires). dataset.json records ``spacing`` (z, y, x; the per-axis median over all cases when they differ),
-``annotation_axis`` 0 (z, the slice axis of the whole-brain stacks: patches are densely annotated, so this only
-tells axis-aware losses which axis to use) and, under ``selma3d``, the source of every case. Case names:
-``patch_<stem>`` and ``brainKK_zZZZ_yYYY_xXXX`` (grid index; origin voxel = index * size). A dataset of whole
-brains only is written as asked, but nnU-Net's supervised loss needs at least one annotated patch.
+Labels: background 0, the structure 1, ignore 2. dataset.json records ``spacing`` (z, y, x; the per-axis median
+when cases differ), ``annotation_axis`` 0 (the slices' axis) and, under ``selma3d``, the source of every case.
+Case names: ``patch_<stem>`` and ``brainKK_zZZZ_yYYY_xXXX`` (grid index; origin voxel = index * size). nnU-Net's
+supervised loss needs at least one annotated patch.
 """
 
 import argparse
@@ -426,7 +413,7 @@ def _count_above(plane: np.ndarray, tile_y: int, tile_x: int, threshold: float) 
     above = np.empty((tile_y, nx * tile_x), dtype=bool)  # one row of tiles at a time: stays in cache
     for iy in range(ny):
         np.greater(plane[iy * tile_y:(iy + 1) * tile_y, :nx * tile_x], plane.dtype.type(t), out=above)
-        # A loop of count_nonzero over tiles is ~4x faster than summing a (ty, nx, tx) boolean view.
+        # A loop of count_nonzero over tiles is faster than summing a (ty, nx, tx) boolean view.
         for ix in range(nx):
             counts[iy, ix] = np.count_nonzero(above[:, ix * tile_x:(ix + 1) * tile_x])
     return counts
@@ -467,6 +454,7 @@ def _iter_subvolumes(volume: SliceVolume, grid: TileGrid, threshold: float, min_
                      compute_kwargs: dict, tiles: _FreeList | None = None) -> Iterator[SubVolume]:
     """The kept tiles, slab by slab; each tile's array is taken from ``tiles`` (give it back once written)."""
     (tz, ty, tx), (_, ny, nx) = grid.size, grid.counts
+    # The slab and the tiles are buffers refilled, not reallocated: a fresh array faults every page in again.
     slab = np.empty((tz, ny * ty, nx * tx), dtype=volume.dtype)  # refilled for every slab
     tiles = _FreeList(grid.size, volume.dtype) if tiles is None else tiles
     for iz in range(grid.counts[0]):
@@ -681,9 +669,9 @@ def convert(out_dir, dataset_id: int, structure: str, patches=None, whole_brain:
         scheduler: Dask scheduler address for the whole-brain reads and counts; None = ``num_workers`` local threads.
         num_workers: local threads for reading, writing and nnU-Net's integrity check.
         name: dataset name (default ``SELMA3D_<structure>``).
-        file_format: ``nifti`` (.nii.gz) or ``tif`` (Tiff3DIO .tif + spacing .json; zstd: ~7x faster to write).
+        file_format: ``nifti`` (.nii.gz) or ``tif`` (Tiff3DIO .tif + spacing .json; zstd: much faster to write).
         verify: run nnU-Net's integrity check on the written dataset. It reads every file back, which for whole
-            brains takes about twice as long as the conversion itself (benchmarks/convert_streaming.py);
+            brains takes longer than the conversion itself (README, benchmarks/convert_streaming.py);
             ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity`` runs the same check.
     Returns:
         The dataset folder: imagesTr/<case>_0000 (patches: stored dtype; brains: slice dtype), labelsTr/<case>

@@ -1,4 +1,5 @@
-"""How nnU-Net finds our trainers (DESIGN.md 3) and the package layout (DESIGN.md 2)."""
+"""How nnU-Net finds our trainers (through nnUNet_extTrainer) and the package layout (trainers/, architectures/
+and dataset_conversion/ installed under nnunet_ext)."""
 
 import ast
 import os

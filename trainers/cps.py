@@ -128,10 +128,7 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
         self.lr_scheduler_b.step(self.current_epoch)
 
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
-                  else target.to(self.device, non_blocking=True))
+        data, target = self.batch_to_device(batch)
         ignore = self.label_manager.ignore_label
         boxes = random_boxes(data.shape[0], tuple(data.shape[2:]), self.cutmix_fraction)
         mask = box_mask(boxes, tuple(data.shape[2:]), self.device)

@@ -84,10 +84,7 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         return self.consistency_weight * ramp, self.continuity_weight * ramp
 
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
-                  else target.to(self.device, non_blocking=True))
+        data, target = self.batch_to_device(batch)
         # The consistency and continuity losses use the full-resolution output only: the downsampled deep-supervision
         # targets are nearest-neighbour samples (one child per coarse voxel), so they would count other voxels.
         unlabeled = unlabeled_mask(first_output(target), self.label_manager.ignore_label)

@@ -112,9 +112,8 @@ class PseudoLabelWeightedTrainer(SemiSupervisedTrainer):
         return self.pseudo_label_weight * weight * unlabeled
 
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        scales = [t.to(self.device, non_blocking=True) for t in (target if isinstance(target, list) else [target])]
+        data, target = self.batch_to_device(batch)
+        scales = target if isinstance(target, list) else [target]
         labels, pseudo_labels, weights = [], [], []
         for t in scales:
             label, pseudo_label, confidence = split_pseudo_label_target(t)

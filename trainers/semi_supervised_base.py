@@ -61,6 +61,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         annotated_key = tuple([-1] + self.label_manager.all_labels)  # nnUNetDataLoader.annotated_classes_key
         return UniformPatchMixDataset(train, annotated_key, probability), val
 
+    def batch_to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+        """A training batch's data and target on the trainer's device; a deep-supervision target stays a list."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        return data, target
+
     # ---- the shared training tail
     def autocast(self):
         """Mixed precision on CUDA only, like nnU-Net (CPU autocast is slow, MPS unsupported)."""
@@ -134,6 +142,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
+        # Keys of nnunetv2 2.8.1's nnUNetTrainer.save_checkpoint (tests/test_checkpoint_keys.py checks none is missing).
         checkpoint = {
             "network_weights": self.inference_network().state_dict(),
             "optimizer_state": self.optimizer.state_dict(),

@@ -215,7 +215,7 @@ def write_image(array: np.ndarray, stem: Path, spacing: Sequence[float], file_fo
         write_nifti(image, path)
     else:
         # minisblack: a stack of 3 or 4 slices must not be stored as one RGB(A) image. zstd level 1 (imagecodecs,
-        # an nnU-Net dependency) writes ~7x faster than zlib at the same size on noisy 16-bit microscopy.
+        # an nnU-Net dependency) writes much faster than zlib at about the same size on noisy 16-bit microscopy.
         tifffile.imwrite(path, array, compression="zstd", compressionargs={"level": 1}, photometric="minisblack")
         Path(f"{stem}.json").write_text(json.dumps({"spacing": spacing}))
     return path
