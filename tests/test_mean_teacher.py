@@ -65,6 +65,22 @@ def test_ablation_variants_change_only_their_hypothesis():
         assert {k: v for k, v in vars(variant).items() if not k.startswith("__")} == changes
 
 
+def test_paper_variants_change_only_the_optimizer(build_in_process):
+    from nnunet_ext.trainers import MeanTeacherContinuityTrainer_paper, MeanTeacherTrainer_paper
+
+    for variant, base in [(MeanTeacherTrainer_paper, MeanTeacherTrainer),
+                          (MeanTeacherContinuityTrainer_paper, MeanTeacherContinuityTrainer)]:
+        assert issubclass(variant, base) and {k for k in vars(variant) if not k.startswith("__")} == set()
+    trainer = build_in_process(MeanTeacherContinuityTrainer_paper)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.initial_lr == 1e-4
+    assert trainer.continuity_weight == 10.0 and trainer.confidence_temperature is None
+    # nnU-Net steps the scheduler with the epoch: half way the cosine is at half the rate, at the end at 0.
+    trainer.lr_scheduler.step(trainer.num_epochs // 2)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-4)
+    trainer.lr_scheduler.step(trainer.num_epochs)
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.0
+
+
 @pytest.mark.parametrize("perturbed, student_doubled, teacher_doubled", [
     ("student", True, False), ("teacher", False, True), ("none", False, False)])
 def test_perturbed_network_chooses_whose_input_is_perturbed(build_in_process, perturbed, student_doubled,

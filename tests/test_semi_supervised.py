@@ -13,6 +13,7 @@ from nnunet_ext.semi_supervised import (
     EMATeacher,
     StrongIntensityPerturbation,
     axial_continuity_loss,
+    cosine_decay,
     linear_warmup,
     sharpened_consistency_loss,
     sigmoid_rampup,
@@ -233,6 +234,24 @@ def test_linear_warmup(progress, expected):
 def test_linear_warmup_needs_start_before_end(start, end):
     with pytest.raises(ValueError, match="start < end"):
         linear_warmup(0.1, start, end)
+
+
+@pytest.mark.parametrize("progress, expected", [
+    (0, 1.0),
+    (1, (1 + math.sqrt(0.5)) / 2),  # t = 1/4: (1 + cos(pi / 4)) / 2
+    (2, 0.5),                       # t = 1/2: cos(pi / 2) = 0
+    (3, (1 - math.sqrt(0.5)) / 2),
+    (4, 0.0),
+    (6, 0.0),                       # clipped to t = 1
+    (-1, 1.0),
+])
+def test_cosine_decay(progress, expected):
+    assert cosine_decay(progress, 4) == pytest.approx(expected)
+
+
+def test_cosine_decay_needs_a_positive_length():
+    with pytest.raises(ValueError, match="length > 0"):
+        cosine_decay(1, 0)
 
 
 # -------------------------------------------------------------------------------------------------- perturbations

@@ -3,18 +3,20 @@
 from nnunet_ext.trainers.cps import CPSCutMixTrainer, CPSCutMixTrainer_ensemble
 from nnunet_ext.trainers.demo import MeanTeacherContinuityTrainer_demo, nnUNetTrainer_demo
 from nnunet_ext.trainers.mean_teacher import (
-                                              MeanTeacherContinuityTrainer,
-                                              MeanTeacherContinuityTrainer_ema99,
-                                              MeanTeacherTrainer,
-                                              MeanTeacherTrainer_ema99,
+    MeanTeacherContinuityTrainer,
+    MeanTeacherContinuityTrainer_ema99,
+    MeanTeacherContinuityTrainer_paper,
+    MeanTeacherTrainer,
+    MeanTeacherTrainer_ema99,
+    MeanTeacherTrainer_paper,
 )
 from nnunet_ext.trainers.mean_teacher_ablation import (
-                                              MeanTeacherContinuityTrainer_ema99_fixed,
-                                              MeanTeacherTrainer_ema99_cleansup,
-                                              MeanTeacherTrainer_ema99_fixed,
-                                              MeanTeacherTrainer_ema99_lambda1,
-                                              MeanTeacherTrainer_ema99_nossl,
-                                              MeanTeacherTrainer_ema99_rawconf,
+    MeanTeacherContinuityTrainer_ema99_fixed,
+    MeanTeacherTrainer_ema99_cleansup,
+    MeanTeacherTrainer_ema99_fixed,
+    MeanTeacherTrainer_ema99_lambda1,
+    MeanTeacherTrainer_ema99_nossl,
+    MeanTeacherTrainer_ema99_rawconf,
 )
 from nnunet_ext.trainers.pseudo_label import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
 
@@ -23,6 +25,8 @@ __all__ = [
     "MeanTeacherContinuityTrainer",
     "MeanTeacherTrainer_ema99",
     "MeanTeacherContinuityTrainer_ema99",
+    "MeanTeacherTrainer_paper",
+    "MeanTeacherContinuityTrainer_paper",
     "MeanTeacherTrainer_ema99_nossl",
     "MeanTeacherTrainer_ema99_lambda1",
     "MeanTeacherTrainer_ema99_rawconf",

@@ -14,6 +14,7 @@ from nnunet_ext.semi_supervised import (
     EMATeacher,
     StrongIntensityPerturbation,
     axial_continuity_loss,
+    cosine_decay,
     sharpened_consistency_loss,
     sigmoid_rampup,
     unlabeled_mask,
@@ -150,3 +151,37 @@ class MeanTeacherContinuityTrainer_ema99(MeanTeacherContinuityTrainer):
     """MeanTeacherContinuityTrainer for short budgets: EMA decay 0.99 (see MeanTeacherTrainer_ema99)."""
 
     ema_alpha = 0.99
+
+
+class CosineLRScheduler:
+    """nnU-Net's scheduler interface (``step(epoch)`` at every epoch start) with a cosine decay to 0 over the run."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_steps: int):
+        self.optimizer, self.initial_lr, self.max_steps = optimizer, initial_lr, max_steps
+        self.step(0)
+
+    def step(self, current_step: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.initial_lr * cosine_decay(current_step, self.max_steps)
+
+
+class PaperOptimizer:
+    """The MIDL paper's optimizer: AdamW at lr 1e-4 with a cosine decay, instead of nnU-Net's SGD (lr 1e-2, Nesterov
+    momentum 0.99) with poly decay. The loss weights 10 were chosen for this optimizer."""
+
+    paper_learning_rate: float = 1e-4
+
+    def configure_optimizers(self):
+        self.initial_lr = self.paper_learning_rate
+        optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+
+class MeanTeacherTrainer_paper(PaperOptimizer, MeanTeacherTrainer):
+    """The paper's SSL baseline with its own recipe: AdamW 1e-4 cosine, lambda_cons 10, tau 0.8 on the sharpened
+    teacher, EMA 0.999, perturbed student. The paper trains it on attention plans (``nnunet-ext plans attention``)."""
+
+
+class MeanTeacherContinuityTrainer_paper(PaperOptimizer, MeanTeacherContinuityTrainer):
+    """The paper's method exactly, to reproduce it: MeanTeacherTrainer_paper plus continuity at lambda 10. Train it on
+    attention plans (``nnunet-ext plans attention``), as the paper does."""

@@ -1,4 +1,4 @@
-"""Torch-only semi-supervised components (no nnU-Net imports): EMA teacher, ramp-ups, strong intensity
+"""Torch-only semi-supervised components (no nnU-Net imports): EMA teacher, ramp-ups and a cosine decay, strong intensity
 perturbations, the unlabeled-voxel mask, the consistency / axial-continuity / cross-pseudo-supervision losses,
 3D CutMix, a softmax-averaging ensemble, and pseudo-label targets with a voxel-weighted Dice + CE."""
 
@@ -11,7 +11,7 @@ from nnunet_ext.semi_supervised.ensemble import SoftmaxEnsemble
 from nnunet_ext.semi_supervised.masks import unlabeled_mask
 from nnunet_ext.semi_supervised.perturbations import StrongIntensityPerturbation
 from nnunet_ext.semi_supervised.pseudo_label import VoxelWeightedDiceCE, split_pseudo_label_target
-from nnunet_ext.semi_supervised.rampup import linear_warmup, sigmoid_rampup
+from nnunet_ext.semi_supervised.rampup import cosine_decay, linear_warmup, sigmoid_rampup
 
 __all__ = [
     "EMATeacher",
@@ -20,6 +20,7 @@ __all__ = [
     "VoxelWeightedDiceCE",
     "axial_continuity_loss",
     "box_mask",
+    "cosine_decay",
     "cross_pseudo_supervision_loss",
     "cutmix",
     "linear_warmup",

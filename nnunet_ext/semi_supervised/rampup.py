@@ -1,4 +1,5 @@
-"""Ramp-up schedules for the weight of unsupervised loss terms; plain floats, any progress unit."""
+"""Schedules over training, plain floats in any progress unit: ramp-ups of unsupervised loss weights and the cosine
+decay of a learning rate."""
 
 import math
 
@@ -35,3 +36,15 @@ def linear_warmup(progress: float, start: float, end: float) -> float:
     if progress >= end:
         return 1.0
     return (progress - start) / (end - start)
+
+
+def cosine_decay(progress: float, length: float) -> float:
+    """Cosine decay from 1 to 0 over ``length``: (1 + cos(pi t)) / 2, t = clip(progress / length, 0, 1).
+
+    Raises:
+        ValueError: unless ``length > 0``.
+    """
+    if not length > 0:
+        raise ValueError(f"cosine_decay needs length > 0, got {length}")
+    t = min(max(progress / length, 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
