@@ -104,7 +104,8 @@ class BenchmarkSettings:
                             f"--dense DATASET")
         recipe = RECIPES[self.recipe]
         if recipe.needs_data and self.data is None:
-            raise UserError(f"the {self.recipe} recipe needs its data folder: pass --data with the folder of the {self.recipe} files")
+            raise UserError(f"the {self.recipe} recipe needs its data folder: pass --data with the folder of the "
+                            f"{self.recipe} files")
         if self.data is not None:
             self.data = str(Path(self.data).resolve())
         self.sparsities = list(self.sparsities or recipe.default_sparsities)
@@ -930,7 +931,8 @@ def run_convergence_cli(args) -> None:
 
 def _add_data_arguments(parser) -> None:
     parser.add_argument("--recipe", choices=BUILT_IN_RECIPES, help="built-in dataset recipe (default: synth)")
-    parser.add_argument("--data", help="the recipe's data folder (vesselnn, gala_fibsem), (vesselNN TIFF pairs; gala train-image.h5 + train-gt.lzf.h5)")
+    parser.add_argument("--data", help="the recipe's data folder: vesselnn's TIFF pairs, gala_fibsem's "
+                        "train-image.h5 + train-gt.lzf.h5")
     parser.add_argument("--dense", metavar="DATASET",
                         help="benchmark your own DENSE nnU-Net raw dataset (id or name in $nnUNet_raw, or a folder); "
                              "sparse levels are simulated from it with `nnunet-ext sparsify` along axis 0")

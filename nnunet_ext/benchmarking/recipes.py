@@ -6,12 +6,11 @@ cases) and ``imagesTs``/``labelsTs`` (whole held-out volumes with dense truth):
 
 - ``synth``: ``nnunet-ext synth`` volumes; the seed draws new volumes, so every seed is a new dataset.
 - ``vesselnn``: the two-photon vessel volumes of the vesselNN dataset (Teikari et al. 2016; GitHub
-  petteriTeikari/vesselNN_dataset: 9 image/label TIFF pairs, images as `<key>_BM4D_denoised.tif` in `images/`), made binary
-  (vessel = label > 0), downsampled in-plane, every third case (sorted by name) held out as a test volume; then
+  petteriTeikari/vesselNN_dataset: 9 image/label TIFF pairs), made binary (vessel = label > 0), downsampled in-plane, every third case (sorted by name) held out as a test volume; then
   ``nnunet-ext sparsify``. The seed only repeats the training.
-- ``gala_fibsem``: the FIB-SEM volume of gala's example data (GitHub janelia-flyem/gala, ``tests/example-data/train-image.h5``
-  and ``train-gt.lzf.h5``, key ``stack``), neuron boundaries (instance id 0) as the
-  foreground class, cut into 4 tiles along x (the last one is the test volume); then ``nnunet-ext sparsify``.
+- ``gala_fibsem``: the FIB-SEM volume of gala's example data (GitHub janelia-flyem/gala,
+  ``tests/example-data/train-image.h5`` and ``train-gt.lzf.h5``, key ``stack``), neuron boundaries (instance id 0)
+  as the foreground class, cut into 4 tiles along x (the last one is the test volume); then ``nnunet-ext sparsify``.
 - ``dense`` (``--dense``): any dense nnU-Net raw dataset (NIfTI or TIFF, any channels and classes), copied with
   its imagesTs/labelsTs as test volumes, or with a reproducible share of its cases held out; then
   ``nnunet-ext sparsify``.
@@ -126,7 +125,7 @@ def check_data(recipe: str, data_dir: Path, test_cases: int | None = None) -> No
         dense_test_split(data_dir, test_cases)
         return
     if not data_dir.is_dir():
-        raise UserError(f"--data {data_dir} is not a folder: pass the {recipe} folder, the folder with the {recipe} files (see `nnunet-ext benchmark -h`)")
+        raise UserError(f"--data {data_dir} is not a folder: pass the folder of the {recipe} files")
     if recipe == "vesselnn":
         vesselnn_pairs(data_dir)
     elif recipe == "gala_fibsem":
