@@ -6,7 +6,8 @@ cases) and ``imagesTs``/``labelsTs`` (whole held-out volumes with dense truth):
 
 - ``synth``: ``nnunet-ext synth`` volumes; the seed draws new volumes, so every seed is a new dataset.
 - ``vesselnn``: the two-photon vessel volumes of the vesselNN dataset (Teikari et al. 2016; GitHub
-  petteriTeikari/vesselNN_dataset: 9 image/label TIFF pairs), made binary (vessel = label > 0), downsampled in-plane, every third case (sorted by name) held out as a test volume; then
+  petteriTeikari/vesselNN_dataset: 9 image/label TIFF pairs), made binary (vessel = label > 0), downsampled
+  in-plane, every third case (sorted by name) held out as a test volume; then
   ``nnunet-ext sparsify``. The seed only repeats the training.
 - ``gala_fibsem``: the FIB-SEM volume of gala's example data (GitHub janelia-flyem/gala,
   ``tests/example-data/train-image.h5`` and ``train-gt.lzf.h5``, key ``stack``), neuron boundaries (instance id 0)
