@@ -234,7 +234,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _device(name: str) -> torch.device:
+def torch_device(name: str) -> torch.device:
+    """The torch device of a -device option; UserError when this machine lacks it."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA is not available on this machine: pass -device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
@@ -310,7 +311,7 @@ def create_pseudolabels(dataset: str | int, from_configuration: str = "2d", to_c
         raise UserError(f"raw images of {', '.join(absent[:3])} not found in the raw dataset {dataset_name}: "
                         f"the raw and preprocessed datasets must be the same")
 
-    predictor = nnUNetPredictor(use_mirroring=use_mirroring, device=_device(device), allow_tqdm=False)
+    predictor = nnUNetPredictor(use_mirroring=use_mirroring, device=torch_device(device), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), (fold,), checkpoint)
     reader = predictor.plans_manager.image_reader_writer_class()
 
