@@ -99,6 +99,7 @@ LAZY_COMMANDS = {
     "pseudolabels": "pseudo-label a fold's training cases with a trained model (e.g. 2d) in the preprocessed "
                     "geometry of another configuration (e.g. 3d_fullres), for PseudoLabelWeightedTrainer",
     "evaluate": "score predicted segmentations against dense ground truth (Dice, 2D Dice, clDice, Betti, ...)",
+    "suggest": "suggest which unannotated slices to annotate next, ranked by a trained model's uncertainty",
     "benchmark": "trainers against stock nnU-Net on the same sparse labels "
                  "(`benchmark speed`: step time and memory; `benchmark converge`: budgets)",
 }
@@ -108,6 +109,7 @@ LAZY_REGISTER = {
     "instances": _module_cli("nnunet_ext.datasets.instances"),
     "pseudolabels": _module_cli("nnunet_ext.pseudo_label_generation"),
     "evaluate": _module_cli("nnunet_ext.evaluation"),
+    "suggest": _module_cli("nnunet_ext.suggest"),
     "benchmark": _add_benchmark,
 }
 

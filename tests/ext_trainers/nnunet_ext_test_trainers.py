@@ -10,6 +10,7 @@ from nnunet_ext.trainers import (
     CPSCutMixTrainer,
     CPSCutMixTrainer_ensemble,
     MeanTeacherContinuityTrainer,
+    MeanTeacherTrainer,
     PseudoLabelWeightedTrainer,
 )
 from nnunet_ext.trainers.budget import TrainingBudgetMixin
@@ -33,12 +34,20 @@ class PseudoLabelWeightedTrainer_exttest(TestBudget, PseudoLabelWeightedTrainer)
     pass
 
 
-class nnUNetTrainer_exttest_noval(nnUNetTrainer_exttest):
-    """A stock model that only feeds a later step (e.g. the 2D model of the pseudo-labels): skips nnU-Net's final
+class NoFinalValidation:
+    """For a model that only feeds a later step (e.g. the 2D model of the pseudo-labels): skips nnU-Net's final
     validation, which spawns worker processes and takes most of a tiny run's time."""
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("final validation skipped (test trainer)")
+
+
+class nnUNetTrainer_exttest_noval(NoFinalValidation, nnUNetTrainer_exttest):
+    pass
+
+
+class MeanTeacherTrainer_exttest_noval(NoFinalValidation, TestBudget, MeanTeacherTrainer):
+    pass
 
 
 class CPSCutMixTrainer_exttest(TestBudget, CPSCutMixTrainer):
