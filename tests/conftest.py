@@ -64,6 +64,27 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
     return TinyDataset(root=root, env=env, dataset_id=TINY_DATASET_ID, raw=raw)
 
 
+@dataclass
+class TrainedModel:
+    trainer: str
+    fold: Path  # the fold folder under nnUNet_results
+    stdout: str  # of nnUNetv2_train
+
+
+STOCK_TEST_TRAINER = "nnUNetTrainer_exttest_noval"
+
+
+@pytest.fixture(scope="session")
+def trained_stock(tiny_dataset) -> TrainedModel:
+    """Stock nnU-Net (test budget, no final validation) trained once on the tiny dataset, fold 0, for the tests
+    that predict with a model."""
+    result = cli("nnUNetv2_train", str(tiny_dataset.dataset_id), "3d_fullres", "0", "-tr", STOCK_TEST_TRAINER,
+                 "-p", "nnUNetPlans_tiny", "-device", "cpu", env=train_env(tiny_dataset.env))
+    fold = next((tiny_dataset.root / "nnUNet_results").glob(
+        f"Dataset{TINY_DATASET_ID:03d}_*/{STOCK_TEST_TRAINER}__nnUNetPlans_tiny__3d_fullres/fold_0"))
+    return TrainedModel(STOCK_TEST_TRAINER, fold, result.stdout)
+
+
 @pytest.fixture
 def tiny_env(tiny_dataset, monkeypatch) -> TinyDataset:
     """This process's nnU-Net variables pointed at the shared tiny dataset (augmentation in the main process)."""

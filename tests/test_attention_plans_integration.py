@@ -15,7 +15,7 @@ from nnunet_ext.trainers import MeanTeacherContinuityTrainer
 
 pytestmark = pytest.mark.integration
 PLANS = "nnUNetPlans_tiny_axialattn"
-TRAINER = "nnUNetTrainer_exttest"
+TRAINER = "nnUNetTrainer_exttest_noval"  # final validation is not looked at
 
 
 def test_stock_trainer_trains_and_predicts_with_attention_plans(tiny_dataset):

@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end_and_prints_the_dice_table(tmp_path, monkeypatch, c
     monkeypatch.setenv("nnUNet_def_n_proc", "1")
     monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
     synth = dict(name="DemoTest", num_cases=5, num_test_cases=1, shape=(16, 32, 32), every=4, seed=1)
-    trainers = ("nnUNetTrainer_exttest", "MeanTeacherContinuityTrainer_exttest")
+    trainers = ("nnUNetTrainer_exttest_noval", "MeanTeacherContinuityTrainer_exttest_noval")
     results = run_demo(tmp_path / "demo", trainers=trainers, dataset_id=9, synth=synth)
 
     assert list(results) == list(trainers)

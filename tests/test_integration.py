@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import TINY_SHAPE, cli, train_env
+from conftest import TINY_SHAPE, cli
 
 pytestmark = pytest.mark.integration
 
@@ -20,18 +20,14 @@ def test_tiny_plans_keep_the_preprocessed_data(tiny_dataset):
     assert max(tiny["configurations"]["3d_fullres"]["patch_size"]) <= 32
 
 
-def test_train_and_predict_with_an_external_trainer(tiny_dataset):
+def test_train_and_predict_with_an_external_trainer(tiny_dataset, trained_stock):
     env, ds = tiny_dataset.env, str(tiny_dataset.dataset_id)
-    train = cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", "nnUNetTrainer_exttest",
-                "-p", "nnUNetPlans_tiny", "-device", "cpu", env=train_env(env))
-    assert "Using trainer 'nnUNetTrainer_exttest'" in train.stdout
-    fold_dir = next((tiny_dataset.root / "nnUNet_results").glob(
-        "Dataset007_*/nnUNetTrainer_exttest__nnUNetPlans_tiny__3d_fullres/fold_0"))
-    assert (fold_dir / "checkpoint_final.pth").is_file()
+    assert f"Using trainer '{trained_stock.trainer}'" in trained_stock.stdout
+    assert (trained_stock.fold / "checkpoint_final.pth").is_file()
 
     out = tiny_dataset.root / "predictions"
     cli("nnUNetv2_predict", "-i", str(tiny_dataset.raw / "imagesTs"), "-o", str(out), "-d", ds,
-        "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainer_exttest", "-p", "nnUNetPlans_tiny",
+        "-c", "3d_fullres", "-f", "0", "-tr", trained_stock.trainer, "-p", "nnUNetPlans_tiny",
         "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
     test_labels = sorted((tiny_dataset.raw / "labelsTs").glob("*.nii.gz"))
     assert len(test_labels) == 1

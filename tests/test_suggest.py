@@ -462,10 +462,9 @@ def check_suggestions(folder, tiny_dataset, k: int, min_gap: int, score: str, ca
 
 
 @pytest.mark.integration
-def test_suggest_with_a_stock_model_through_the_real_clis(tiny_dataset):
-    trainer = "nnUNetTrainer_exttest_noval"
+def test_suggest_with_a_stock_model_through_the_real_clis(tiny_dataset, trained_stock):
+    trainer = trained_stock.trainer
     env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
-    cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_tiny", "-device", "cpu", env=env)
     cases = sorted(json.loads((tiny_dataset.raw / "dataset.json").read_text())["annotated_slices"])[:2]
     base = ["nnunet-ext", "suggest", "-d", ds, "-c", "3d_fullres", "-tr", trainer, "-p", "nnUNetPlans_tiny",
             "-device", "cpu", "--cases", *cases]

@@ -50,6 +50,10 @@ class MeanTeacherTrainer_exttest_noval(NoFinalValidation, TestBudget, MeanTeache
     pass
 
 
+class MeanTeacherContinuityTrainer_exttest_noval(NoFinalValidation, MeanTeacherContinuityTrainer_exttest):
+    pass
+
+
 class CPSCutMixTrainer_exttest(TestBudget, CPSCutMixTrainer):
     pass
 
