@@ -1,4 +1,5 @@
-"""``nnunet-ext benchmark``: sparsity levels, statistics, resumable orchestration, the data recipes, a real run."""
+"""``nnunet-ext benchmark``: sparsity levels, statistics, resumable orchestration, the data recipes (the run through
+nnU-Net is in test_benchmark_dense)."""
 
 import json
 import math
@@ -244,53 +245,6 @@ def test_gala_recipe(tmp_path):
     test = _read(folder / "labelsTs" / "gala_003.nii.gz")
     assert test.shape == (50, 100, 50)
     assert 0.05 < test.mean() < 0.12  # boundaries are about 7-9 % of the voxels
-
-
-@pytest.mark.integration
-def test_a_real_benchmark_through_nnunet(tmp_path, monkeypatch):
-    """Castelli et al.'s three arms (2D, 3D stock, 3D + 2D pseudo-labels) on one tiny synthetic sparsity level,
-    through the real nnU-Net commands and `nnunet-ext pseudolabels`."""
-    monkeypatch.setattr(benchmark, "write_sparse_dataset", _small_synth)
-    monkeypatch.setenv("nnUNet_def_n_proc", "1")
-    monkeypatch.setenv("nnUNet_compile", "false")
-    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA"):
-        monkeypatch.delenv(variable, raising=False)
-    settings = BenchmarkSettings(trainers=["PseudoLabelWeightedTrainer"], sparsities=["every:4"], seeds=[0],
-                                 epochs=1, iterations=2)
-    out = tmp_path / "bench"
-    summary = run_benchmark(out, settings)
-    assert summary["failures"] == [] and len(summary["rows"]) == 3 * 3  # 3 arms x (mean, vessel, nucleus)
-    for row in summary["rows"]:
-        for column in ("test_dice", "unannotated_dice", "annotated_dice"):
-            assert 0.0 <= row[column] <= 1.0
-    run = out / "runs" / "every4" / "seed0" / "PseudoLabelWeightedTrainer"
-    saved = json.loads((run / "result.json").read_text())
-    assert saved["trained_as"] == "PseudoLabelWeightedTrainer_bench1x2" and saved["configuration"] == "3d_fullres"
-    assert set(saved["test"]["cases"]) == {"small_test_000"}
-    assert set(saved["train"]["cases"]) == {f"small_{i:03d}" for i in range(4)}  # fold all validates every case
-    results = out / "nnUNet_results" / "seed0"
-    fold = next(results.glob("Dataset100_*/PseudoLabelWeightedTrainer_bench1x2__nnUNetPlans_tiny__3d_fullres/fold_all"))
-    assert (fold / "checkpoint_final.pth").is_file()
-    assert next(results.glob("Dataset100_*/nnUNetTrainer_bench1x2__nnUNetPlans_tiny__2d/fold_all/checkpoint_final.pth"))
-    record = json.loads(next((out / "nnUNet_preprocessed").glob(
-        "Dataset100_*/*_3d_fullres_pseudolabels/fold_all/pseudolabels.json")).read_text())
-    assert "nnUNetTrainer_bench1x2" in json.dumps(record["source"])
-    assert (run / "test_predictions" / "small_test_000.nii.gz").is_file()
-    two_d = json.loads((out / "runs" / "every4" / "seed0" / "nnUNetTrainer@2d" / "result.json").read_text())
-    assert two_d["configuration"] == "2d" and set(two_d["test"]["cases"]) == {"small_test_000"}
-    markdown = (out / "results.md").read_text()
-    assert "| nnUNetTrainer@2d | 1 |" in markdown and "| PseudoLabelWeightedTrainer | 1 |" in markdown
-
-    modified = (run / "result.json").stat().st_mtime_ns
-    run_benchmark(out, settings)  # everything finished: nothing is redone
-    assert (run / "result.json").stat().st_mtime_ns == modified
-
-
-def _small_synth(recipe, raw_dir, dataset_id, name, sparsity, seed, dense_source=None):
-    from nnunet_ext.datasets.synth import write_synthetic_dataset
-
-    return write_synthetic_dataset(raw_dir, dataset_id, name="Small", num_cases=4, num_test_cases=1,
-                                   shape=(16, 32, 32), every=sparsity.every, seed=seed)
 
 
 @pytest.mark.integration

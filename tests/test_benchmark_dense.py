@@ -213,37 +213,61 @@ def test_convergence_stops_at_the_first_budget_that_gains_too_little(tmp_path, m
 
 
 @pytest.mark.integration
-def test_a_dense_tiff_benchmark_with_an_attention_arm(tmp_path, monkeypatch):
-    """--dense on a 2-channel, 2-class TIFF dataset without test volumes; stock, stock on attention plans and Mean
-    Teacher on attention plans, through the real nnU-Net commands."""
+def test_a_dense_tiff_benchmark_with_attention_2d_and_pseudo_label_arms(tmp_path, monkeypatch):
+    """One benchmark through the real nnU-Net commands (one run, as each costs minutes of nnU-Net start-up): --dense
+    on a 2-channel, 2-class TIFF dataset without test volumes; stock 3d_fullres and 2d, stock and Mean Teacher on
+    attention plans, and Castelli et al.'s 2D-to-3D pseudo-label arm through `nnunet-ext pseudolabels`."""
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("nnUNet_def_n_proc", "1")
     monkeypatch.setenv("nnUNet_compile", "false")
     source = write_dense_tiff_dataset(tmp_path / "Dataset001_Cells")
     out = tmp_path / "bench"
-    assert main(["benchmark", "--dense", str(source), "--out", str(out), "--trainers", "MeanTeacherTrainer@attention",
-                 "--sparsity", "every:4", "--seeds", "0", "--epochs", "1", "--iterations", "2", "--no-2d",
-                 "--attention-stages", "1", "--no-topology"]) == 0
+    command = ["benchmark", "--dense", str(source), "--out", str(out), "--trainers", "MeanTeacherTrainer@attention",
+               "PseudoLabelWeightedTrainer", "--sparsity", "every:4", "--seeds", "0", "--epochs", "1",
+               "--iterations", "2", "--attention-stages", "1", "--no-topology"]
+    assert main(command) == 0
+    arms = ("nnUNetTrainer", "nnUNetTrainer@2d", "nnUNetTrainer@attention", "MeanTeacherTrainer@attention",
+            "PseudoLabelWeightedTrainer")
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert {(r["trainer"], r["class"]) for r in rows} == {
-        (arm, name) for arm in ("nnUNetTrainer", "nnUNetTrainer@attention", "MeanTeacherTrainer@attention")
-        for name in ("mean", "membrane", "nucleus")}
+        (arm, name) for arm in arms for name in ("mean", "membrane", "nucleus")}
     for row in rows:
-        assert 0.0 <= float(row["test_dice"]) <= 1.0
+        for column in ("test_dice", "unannotated_dice", "annotated_dice"):
+            assert 0.0 <= float(row[column]) <= 1.0
     assert {r["reference"] for r in rows if r["trainer"] == "MeanTeacherTrainer@attention"} == \
         {"nnUNetTrainer@attention"}
     markdown = (out / "results.md").read_text()
     assert "| arm | membrane | nucleus | mean |" in markdown
     assert "| MeanTeacherTrainer@attention | 1 |" in markdown and "`nnUNetTrainer@attention` | " in markdown
-    run = out / "runs" / "every4" / "seed0" / "MeanTeacherTrainer@attention"
-    result = json.loads((run / "result.json").read_text())
-    assert result["plans"] == "nnUNetPlans_tiny_axialattn" and set(result["test"]["cases"]) == {"cell_002"}
+    assert "| nnUNetTrainer@2d | 1 |" in markdown and "| PseudoLabelWeightedTrainer | 1 |" in markdown
+
+    runs = out / "runs" / "every4" / "seed0"
+    attention = json.loads((runs / "MeanTeacherTrainer@attention" / "result.json").read_text())
+    assert attention["plans"] == "nnUNetPlans_tiny_axialattn" and set(attention["test"]["cases"]) == {"cell_002"}
+    assert set(attention["train"]["cases"]) == {"cell_000", "cell_001", "cell_003"}  # fold all validates every case
     plans = json.loads(next((out / "nnUNet_preprocessed").glob("Dataset*/nnUNetPlans_tiny_axialattn.json"))
                        .read_text())
     assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"].endswith(
         "AxialAttentionPlainConvUNet")
-    assert (run / "test_predictions" / "cell_002.tif").is_file()
+    assert (runs / "MeanTeacherTrainer@attention" / "test_predictions" / "cell_002.tif").is_file()
+    two_d = json.loads((runs / "nnUNetTrainer@2d" / "result.json").read_text())
+    assert two_d["configuration"] == "2d" and set(two_d["test"]["cases"]) == {"cell_002"}
+
+    pseudo = runs / "PseudoLabelWeightedTrainer" / "result.json"
+    saved = json.loads(pseudo.read_text())
+    assert saved["trained_as"] == "PseudoLabelWeightedTrainer_bench1x2" and saved["configuration"] == "3d_fullres"
+    results = out / "nnUNet_results" / "seed0"
+    assert next(results.glob("Dataset*/PseudoLabelWeightedTrainer_bench1x2__nnUNetPlans_tiny__3d_fullres/fold_all/"
+                             "checkpoint_final.pth"))
+    assert next(results.glob("Dataset*/nnUNetTrainer_bench1x2__nnUNetPlans_tiny__2d/fold_all/checkpoint_final.pth"))
+    record = json.loads(next((out / "nnUNet_preprocessed").glob(
+        "Dataset*/*_3d_fullres_pseudolabels/fold_all/pseudolabels.json")).read_text())
+    assert "nnUNetTrainer_bench1x2" in json.dumps(record["source"])
+
+    modified = pseudo.stat().st_mtime_ns
+    assert main(command) == 0  # everything finished: nothing is redone
+    assert pseudo.stat().st_mtime_ns == modified
 
 
 def test_a_dense_dataset_gets_default_levels_and_the_fallback_budget(tmp_path):
