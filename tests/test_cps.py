@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import nnunet_ext.trainers.cps as cps_module
 from nnunet_ext.semi_supervised import SoftmaxEnsemble, box_mask, cutmix, random_boxes, unlabeled_mask, unwrap
 from nnunet_ext.trainer_in_process import build_trainer, draw_batches
-from nnunet_ext.trainers import CPSCutMixTrainer, CPSCutMixTrainer_ensemble
+from nnunet_ext.trainers import CPSCutMixTrainer, CPSCutMixTrainer_cleansup, CPSCutMixTrainer_ensemble
 from nnunet_ext.trainers.semi_supervised_base import first_output
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,8 @@ IGNORE = 3  # the synthetic dataset's ignore label
 
 def test_defaults_of_the_method():
     for attribute, value in [("cps_weight", 1.0), ("cps_warmup", (0.05, 0.20)), ("cps_loss", "dice"),
-                             ("cutmix_fraction", (0.25, 0.5)), ("branch_dice_ema", 0.9)]:
+                             ("cutmix_fraction", (0.25, 0.5)), ("branch_dice_ema", 0.9),
+                             ("supervised_input", "mixed")]:
         assert getattr(CPSCutMixTrainer, attribute) == value
     assert issubclass(CPSCutMixTrainer_ensemble, CPSCutMixTrainer)
 
@@ -180,6 +181,43 @@ def test_train_step_mixes_inputs_targets_and_pseudo_labels(in_process, monkeypat
     assert result["agreement"] == pytest.approx(agreement.item())
     assert result["lambda_cps"] == 1.0 and result["loss_cps"] > 0
     assert torch.equal(batch["data"], before["data"]) and all(map(torch.equal, batch["target"], before["target"]))
+
+
+def test_the_clean_variant_supervises_the_unmixed_batch_and_mixes_for_cps_only(in_process):
+    trainer = in_process(CPSCutMixTrainer_cleansup)
+    trainer.current_epoch = trainer.num_epochs // 2  # full CPS weight
+    (batch,) = draw_batches(trainer, 1)
+    data, target = batch["data"], batch["target"]
+    torch.manual_seed(11)
+    mask = box_mask(random_boxes(data.shape[0], tuple(data.shape[2:]), trainer.cutmix_fraction), data.shape[2:])
+    seen = []
+    for network, _ in trainer.branches().values():
+        network.register_forward_pre_hook(lambda _, args: seen.append(args[0]) if torch.is_grad_enabled() else None)
+
+    # Branch A's step by hand on a copy: L_sup on the unmixed batch plus L_cps of the mixed input against B's mixed
+    # labels, both gradients in one clipped SGD step.
+    expected = in_process(CPSCutMixTrainer_cleansup)
+    a, b = unwrap(expected.network), unwrap(expected.network_b)
+    a.load_state_dict(unwrap(trainer.network).state_dict())
+    b.load_state_dict(unwrap(trainer.network_b).state_dict())
+    with torch.no_grad():
+        labels_b = first_output(b(data)).argmax(1, keepdim=True)
+    mixed = cutmix(data, mask)
+    loss_sup = expected.loss(a(data), target)
+    loss_cps = cps_module.cross_pseudo_supervision_loss(first_output(a(mixed)), cutmix(labels_b, mask),
+                                                        unlabeled_mask(cutmix(target[0], mask), IGNORE), "dice")
+    expected.optimizer.zero_grad()
+    (loss_sup + loss_cps).backward()
+    torch.nn.utils.clip_grad_norm_(a.parameters(), 12)
+    expected.optimizer.step()
+
+    torch.manual_seed(11)
+    result = trainer.train_step(batch)
+    assert [torch.equal(x, data) for x in seen] == [True, False, True, False]  # per branch: clean, then mixed
+    assert all(torch.equal(x, mixed) for x in seen[1::2])
+    assert result["loss_sup_a"] == pytest.approx(loss_sup.item(), rel=1e-5)
+    for key, value in unwrap(trainer.network).state_dict().items():
+        assert torch.allclose(value, a.state_dict()[key], atol=1e-6), key
 
 
 def test_identical_branches_agree_everywhere(in_process):

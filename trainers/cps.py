@@ -9,6 +9,10 @@ L_sup is nnU-Net's own Dice + CE with the ignore label; L_cps (soft Dice, or CE)
 voxels only. The pseudo-labels are the other network's argmax on the *unmixed* batch, mixed with the same box.
 lambda is 0 for the first 5 % of training, linear to full weight at 20 %, then constant.
 
+``supervised_input = "clean"`` (``CPSCutMixTrainer_cleansup``) trains L_sup on the unmixed batch, stock nnU-Net's, and
+L_cps alone on the mixed one, as Chen et al. and French et al. mix only for the unsupervised term: one more forward
+and backward per network and step, each graph freed before the next forward.
+
 Memory: the pseudo-labels come from forward passes under no_grad, and the two networks' forward/backward/step run
 one after the other, so one step holds the activations of one network at a time, as stock nnU-Net does.
 """
@@ -34,6 +38,7 @@ from nnunet_ext.semi_supervised.cps import CPS_LOSSES
 from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer, first_output
 
 BRANCHES = ("a", "b")
+SUPERVISED_INPUTS = ("mixed", "clean")
 
 
 class CPSCutMixTrainer(SemiSupervisedTrainer):
@@ -56,6 +61,7 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
     cps_loss: str = "dice"  # or "ce"
     cutmix_fraction: tuple[float, float] = (0.25, 0.5)  # of the patch volume covered by the box
     branch_dice_ema: float = 0.9  # nnU-Net's EMA of the pseudo Dice
+    supervised_input: str = "mixed"  # or "clean": L_sup on the unmixed batch, as Chen et al. supervise
     ssl_log_keys = ("loss_sup_a", "loss_sup_b", "loss_cps", "lambda_cps", "agreement")
     ssl_validation_log_keys = ("val_dice_a", "val_dice_b", "ema_dice_a", "ema_dice_b")
 
@@ -88,7 +94,10 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
                          (0 < low <= high <= 1, f"cutmix_fraction must be (low, high) with 0 < low <= high <= 1, "
                                                 f"got {self.cutmix_fraction}"),
                          (0 <= self.branch_dice_ema < 1, f"branch_dice_ema must be in [0, 1), got "
-                                                         f"{self.branch_dice_ema}")]:
+                                                         f"{self.branch_dice_ema}"),
+                         (self.supervised_input in SUPERVISED_INPUTS, f"supervised_input must be one of "
+                                                                      f"{SUPERVISED_INPUTS}, got "
+                                                                      f"{self.supervised_input!r}")]:
             if not ok:
                 raise RuntimeError(f"{name}: {what}; fix the class attribute in your trainer variant")
 
@@ -108,7 +117,7 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
     def hyperparameters(self) -> dict:
         return {**super().hyperparameters(), "cps_weight": self.cps_weight, "cps_warmup": self.cps_warmup,
                 "cps_loss": self.cps_loss, "cutmix_fraction": self.cutmix_fraction,
-                "branch_dice_ema": self.branch_dice_ema}
+                "branch_dice_ema": self.branch_dice_ema, "supervised_input": self.supervised_input}
 
     def training_networks(self) -> tuple[torch.nn.Module, ...]:
         return self.network, self.network_b
@@ -149,14 +158,23 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
         results = {}
         for (name, (network, optimizer)), other in zip(self.branches().items(), reversed(BRANCHES)):
             optimizer.zero_grad(set_to_none=True)
+            if self.supervised_input == "clean":
+                with self.autocast():
+                    loss_sup = self.loss(network(data), target)
+                self.backward(loss_sup)  # frees the clean graph before the mixed forward
             with self.autocast():
                 output = network(mixed_data)
-                loss_sup = self.loss(output, mixed_target)
                 loss_cps = cross_pseudo_supervision_loss(first_output(output), pseudo[other], mixed_unlabeled,
                                                          self.cps_loss)
-                loss = loss_sup + lambda_cps * loss_cps
-            self.optimizer_step(loss, network, optimizer)
-            results[name] = (loss.detach(), loss_sup.detach(), loss_cps.detach())
+                if self.supervised_input == "mixed":
+                    loss_sup = self.loss(output, mixed_target)
+                    loss = loss_sup + lambda_cps * loss_cps
+                else:
+                    loss = lambda_cps * loss_cps
+            self.backward(loss)
+            self.clip_and_step(network, optimizer)
+            results[name] = (loss_sup.detach() + lambda_cps * loss_cps.detach(), loss_sup.detach(),
+                             loss_cps.detach())
             del output, loss  # free this branch's graph before the other branch's forward
         (loss_a, sup_a, cps_a), (loss_b, sup_b, cps_b) = results["a"], results["b"]
         return {"loss": ((loss_a + loss_b) / 2).cpu().numpy(), "loss_sup_a": sup_a.item(),
@@ -265,3 +283,9 @@ class CPSCutMixTrainer_ensemble(CPSCutMixTrainer):
 
     def inference_name(self) -> str:
         return "ensemble"
+
+
+class CPSCutMixTrainer_cleansup(CPSCutMixTrainer):
+    """CPS + CutMix with the supervised loss on the unmixed batch (CutMix for L_cps only)."""
+
+    supervised_input = "clean"

@@ -77,16 +77,24 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def optimizer_step(self, loss: torch.Tensor, network: torch.nn.Module | None = None,
                        optimizer: torch.optim.Optimizer | None = None) -> None:
         """Backward, unscale, clip, step (grad scaler on CUDA); defaults to the trainer's network and optimizer."""
+        self.backward(loss)
+        self.clip_and_step(network, optimizer)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate ``loss``'s gradients (scaled on CUDA); a step may take several, each freeing its graph."""
+        (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
+
+    def clip_and_step(self, network: torch.nn.Module | None = None,
+                      optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Unscale, clip and step on the gradients accumulated by ``backward``."""
         network = self.network if network is None else network
         optimizer = self.optimizer if optimizer is None else optimizer
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(network.parameters(), self.max_grad_norm)
             self.grad_scaler.step(optimizer)
             self.grad_scaler.update()
         else:
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(network.parameters(), self.max_grad_norm)
             optimizer.step()
 
