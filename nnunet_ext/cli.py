@@ -73,16 +73,18 @@ def _add_convert(commands) -> None:
 
 
 def _add_benchmark(commands) -> None:
-    from nnunet_ext.benchmarking import accuracy, speed
+    from nnunet_ext.benchmarking import accuracy, annotation_loop, speed
 
     runs = commands.add_parser("benchmark", help=LAZY_COMMANDS["benchmark"],
                                description="Train, predict and score trainers against stock nnU-Net over sparsity "
                                "levels and seeds; `nnunet-ext benchmark speed -h` for the speed benchmark, "
-                               "`nnunet-ext benchmark converge -h` for the budget at which stock nnU-Net converges.")
+                               "`nnunet-ext benchmark converge -h` for the budget at which stock nnU-Net converges, "
+                               "`nnunet-ext benchmark annotate -h` for the simulated annotation loop.")
     accuracy.add_arguments(runs)
-    modes = runs.add_subparsers(dest="mode", metavar="{speed,converge}")
+    modes = runs.add_subparsers(dest="mode", metavar="{speed,converge,annotate}")
     speed.register_cli(modes)
     accuracy.register_converge_cli(modes)
+    annotation_loop.register_cli(modes)
 
 
 def _module_cli(module: str):
@@ -101,7 +103,8 @@ LAZY_COMMANDS = {
     "evaluate": "score predicted segmentations against dense ground truth (Dice, 2D Dice, clDice, Betti, ...)",
     "suggest": "suggest which unannotated slices to annotate next, ranked by a trained model's uncertainty",
     "benchmark": "trainers against stock nnU-Net on the same sparse labels "
-                 "(`benchmark speed`: step time and memory; `benchmark converge`: budgets)",
+                 "(`benchmark speed`: step time and memory; `benchmark converge`: budgets; "
+                 "`benchmark annotate`: suggested vs evenly spaced slices)",
 }
 LAZY_REGISTER = {
     "convert": _add_convert,

@@ -25,6 +25,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
@@ -227,10 +228,12 @@ class BenchmarkSettings:
 class BenchmarkFolder:
     """The ``--out`` folder: settings, dataset ids, nnU-Net folders, generated trainers, runs and summary."""
 
-    def __init__(self, root: Path, settings: BenchmarkSettings, converge: bool = False):
+    def __init__(self, root: Path, settings: BenchmarkSettings, converge: bool = False, study: dict | None = None):
         self.root = Path(root).expanduser().resolve()
         self.settings = settings
         self.converge = converge  # a convergence study: one folder, several budgets (epochs) of stock nnU-Net
+        # Another study's own settings ("kind" among them) that a resumed folder must share, e.g. annotate's.
+        self.study = dict(study or {})
         self.state = self._load_or_create()
         self.env = nnunet_environment(self.root)
         self.env[EXT_TRAINER_VAR] = os.pathsep.join([str(self.trainer_folder), self.env[EXT_TRAINER_VAR]])
@@ -239,6 +242,7 @@ class BenchmarkFolder:
         settings_file = self.root / SETTINGS_FILE
         fixed = {key: getattr(self.settings, key) for key in FIXED_SETTINGS if not (self.converge and key == "epochs")}
         fixed["kind"] = "converge" if self.converge else "benchmark"
+        fixed.update(self.study)
         if settings_file.is_file():
             state = json.loads(settings_file.read_text())
             there = {"kind": "benchmark", **state["fixed"]}  # folders from before convergence studies have no kind
@@ -319,6 +323,31 @@ def prepare_dataset(folder: BenchmarkFolder, sparsity: Sparsity, seed: int) -> P
     s = folder.settings
     per_seed = RECIPES[s.recipe].per_seed
     key = f"{s.recipe}_{sparsity.label}" + (f"_seed{seed}" if per_seed else "")
+
+    def write(dataset_id: int, name: str) -> Path:
+        dense = dense_dataset(folder) if RECIPES[s.recipe].needs_data else None
+        return write_sparse_dataset(s.recipe, folder.raw, dataset_id, name, sparsity, seed, dense)
+
+    description = f"{s.recipe}, {sparsity.description}" + (f", seed {seed}" if per_seed else "")
+    return prepare_keyed_dataset(folder, key, write, description, {"sparsity": sparsity.label, "seed": seed})
+
+
+def dense_dataset(folder: BenchmarkFolder) -> Path:
+    """The dense raw dataset of a real-data recipe, written once."""
+    s = folder.settings
+    dense_key = f"{s.recipe}_dense"
+    dense = _existing_dataset(folder.raw, folder.dataset_id(dense_key))
+    if dense is None:
+        dense = write_dense(s.recipe, Path(s.data), folder.raw, folder.dataset_id(dense_key), _name(dense_key),
+                            s.test_cases)
+    return dense
+
+
+def prepare_keyed_dataset(folder: BenchmarkFolder, key: str, write: Callable[[int, str], Path], description: str,
+                          record: dict) -> Path:
+    """The raw folder of the dataset ``key``: ``write(dataset id, name)`` writes it, then it is planned and
+    preprocessed once (base and derived plans); ``record`` goes into its marker file."""
+    s = folder.settings
     dataset_id = folder.dataset_id(key)
     marker = folder.root / "prepared" / f"{key}.json"
     if marker.is_file():
@@ -332,19 +361,12 @@ def prepare_dataset(folder: BenchmarkFolder, sparsity: Sparsity, seed: int) -> P
             marker.write_text(json.dumps(prepared) + "\n")
         _derive_plans(folder, dataset_id, key)
         return folder.raw / prepared["dataset"]
-    dense = None
-    if RECIPES[s.recipe].needs_data:
-        dense_key = f"{s.recipe}_dense"
-        dense = _existing_dataset(folder.raw, folder.dataset_id(dense_key))
-        if dense is None:
-            dense = write_dense(s.recipe, Path(s.data), folder.raw, folder.dataset_id(dense_key), _name(dense_key),
-                                s.test_cases)
     for base in (folder.raw, folder.root / "nnUNet_preprocessed"):  # left by an interrupted preparation
         stale = _existing_dataset(base, dataset_id)
         if stale is not None:
             shutil.rmtree(stale)
-    tqdm.write(f"dataset {dataset_id}: {s.recipe}, {sparsity.description}" + (f", seed {seed}" if per_seed else ""))
-    raw = write_sparse_dataset(s.recipe, folder.raw, dataset_id, _name(key), sparsity, seed, dense)
+    tqdm.write(f"dataset {dataset_id}: {description}")
+    raw = write(dataset_id, _name(key))
     logs = folder.root / "logs"
     nproc = _nproc(folder.env)
     run_logged(f"plan_and_preprocess {dataset_id}",
@@ -357,8 +379,7 @@ def prepare_dataset(folder: BenchmarkFolder, sparsity: Sparsity, seed: int) -> P
                    leave=False)
     _derive_plans(folder, dataset_id, key)
     marker.parent.mkdir(exist_ok=True)
-    marker.write_text(json.dumps({"dataset": raw.name, "sparsity": sparsity.label, "seed": seed,
-                                  "configurations": s.configurations}) + "\n")
+    marker.write_text(json.dumps({"dataset": raw.name, **record, "configurations": s.configurations}) + "\n")
     return raw
 
 
@@ -421,8 +442,14 @@ def ensure_pseudolabels(folder: BenchmarkFolder, raw: Path, arm: str, seed: int,
 
 def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, trainer: str) -> dict:
     """Train, predict and score one arm (``trainer``) on one dataset; returns (and writes) the run's result."""
+    return train_and_score(folder, raw, seed, trainer, folder.run_folder(sparsity, seed, trainer),
+                           {"sparsity": sparsity.label})
+
+
+def train_and_score(folder: BenchmarkFolder, raw: Path, seed: int, trainer: str, run: Path, labels: dict) -> dict:
+    """Train, predict and score the arm ``trainer`` on the dataset ``raw`` in the run folder ``run``; returns the
+    result (``labels`` say which run it is) and writes it to ``run/result.json``."""
     s = folder.settings
-    run = folder.run_folder(sparsity, seed, trainer)
     run.mkdir(parents=True, exist_ok=True)
     started = time.time()
     dataset_id = _dataset_id(raw)
@@ -450,8 +477,7 @@ def run_one(folder: BenchmarkFolder, raw: Path, sparsity: Sparsity, seed: int, t
                             topology=False)
     write_results(test, run / "evaluation_test")
     write_results(train, run / "evaluation_train")
-    result = {"trainer": trainer, "trained_as": name, "configuration": configuration,
-              "sparsity": sparsity.label, "seed": seed,
+    result = {"trainer": trainer, "trained_as": name, "configuration": configuration, **labels, "seed": seed,
               "dataset": raw.name, "epochs": s.epochs, "iterations": s.iterations, "plans": s.arm_plans(trainer),
               "minutes": (time.time() - started) / 60,
               "test": {"aggregate": test["aggregate"],
@@ -546,7 +572,7 @@ def run_convergence(out: Path, settings: BenchmarkSettings, epochs: list[int] = 
                 raise UserError(f"the {budget}-epoch run failed: see {run / 'error.txt'}; rerun the same command to "
                                 f"retry it") from None
         rows.append({"epochs": budget, "iterations": settings.iterations, "steps": budget * settings.iterations,
-                     **{column: _metric(result, where) for column, where, _ in SUMMARY_METRICS},
+                     **{column: metric_of(result, where) for column, where, _ in SUMMARY_METRICS},
                      "minutes": result["minutes"]})
         if len(rows) > 1 and converged is None and \
                 rows[-1]["annotated_dice"] - rows[-2]["annotated_dice"] < CONVERGED_GAIN:
@@ -555,7 +581,7 @@ def run_convergence(out: Path, settings: BenchmarkSettings, epochs: list[int] = 
                 break
     folder.settings = settings
     markdown = _convergence_markdown(rows, converged, settings, sparsity, seed)
-    _write_rows(folder.root / "converge.csv", list(rows[0]), rows)
+    write_rows(folder.root / "converge.csv", list(rows[0]), rows)
     (folder.root / "converge.md").write_text(markdown)
     _plot_convergence(rows, converged, folder.root / "converge.png")
     print(markdown)
@@ -570,9 +596,9 @@ def _convergence_markdown(rows: list[dict], converged: int | None, settings: Ben
              "| epochs x iterations | steps | Dice annotated slices | gain | Dice unannotated slices | "
              "Dice test volumes | minutes |", "|---|---|---|---|---|---|---|"]
     for i, row in enumerate(rows):
-        gain = _fmt(row["annotated_dice"] - rows[i - 1]["annotated_dice"], signed=True) if i else "—"
-        lines.append(f"| {row['epochs']} x {row['iterations']} | {row['steps']} | {_fmt(row['annotated_dice'])} | "
-                     f"{gain} | {_fmt(row['unannotated_dice'])} | {_fmt(row['test_dice'])} | "
+        gain = fmt(row["annotated_dice"] - rows[i - 1]["annotated_dice"], signed=True) if i else "—"
+        lines.append(f"| {row['epochs']} x {row['iterations']} | {row['steps']} | {fmt(row['annotated_dice'])} | "
+                     f"{gain} | {fmt(row['unannotated_dice'])} | {fmt(row['test_dice'])} | "
                      f"{row['minutes']:.1f} |")
     verdict = (f"Converged at **{converged} epochs x {settings.iterations} iterations** "
                f"({converged * settings.iterations} steps): the annotated-slice Dice gained less than "
@@ -582,7 +608,7 @@ def _convergence_markdown(rows: list[dict], converged: int | None, settings: Ben
     return "\n".join(lines + ["", verdict, ""])
 
 
-def _write_rows(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
+def write_rows(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
     """A CSV with ``fieldnames`` as header, floats to 6 significant digits."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fieldnames)
@@ -621,12 +647,16 @@ def _grouped(runs):
 
 def _record_failure(folder: BenchmarkFolder, sparsity: Sparsity, seed: int, trainer: str, stage: str,
                     error: Exception) -> None:
-    run = folder.run_folder(sparsity, seed, trainer)
+    record_failure(folder.run_folder(sparsity, seed, trainer), f"{trainer} {sparsity.label} seed {seed}", stage, error)
+
+
+def record_failure(run: Path, title: str, stage: str, error: Exception) -> None:
+    """``run/error.txt``: one line "<stage> failed: <message>", then the traceback of an unexpected error."""
     run.mkdir(parents=True, exist_ok=True)
     message = " ".join(str(error).split()) or type(error).__name__
     detail = "" if isinstance(error, UserError) else "".join(traceback.format_exception(error))
     (run / "error.txt").write_text(f"{stage} failed: {message}\n{detail}")
-    tqdm.write(f"FAILED {trainer} {sparsity.label} seed {seed}: {stage} failed: {message}")
+    tqdm.write(f"FAILED {title}: {stage} failed: {message}")
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -642,7 +672,7 @@ SUMMARY_METRICS = (
 )
 
 
-def _metric(result: dict, where: tuple[str, str], name: str = MEAN) -> float:
+def metric_of(result: dict, where: tuple[str, str], name: str = MEAN) -> float:
     value = result[where[0]]["aggregate"][name].get(where[1])
     return float("nan") if value is None else float(value)
 
@@ -691,22 +721,22 @@ def paired_difference(results: list[dict], trainer: str, sparsity: str, part: st
     return {"mean": mean, "std": std, "n": n, "wins": sum(d > 0 for d in differences), "p": p}
 
 
-def _fmt(value: float, digits: int = 3, signed: bool = False) -> str:
+def fmt(value: float, digits: int = 3, signed: bool = False) -> str:
     if value is None or math.isnan(value):
         return "n/a"
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def _fmt_mean_std(values: list[float]) -> str:
+def fmt_mean_std(values: list[float]) -> str:
     mean, std, n = mean_std(values)
-    return "n/a" if n == 0 else f"{_fmt(mean)} ± {_fmt(std)}" if n > 1 else _fmt(mean)
+    return "n/a" if n == 0 else f"{fmt(mean)} ± {fmt(std)}" if n > 1 else fmt(mean)
 
 
-def _fmt_paired(d: dict) -> str:
+def fmt_paired(d: dict) -> str:
     if d["n"] == 0:
         return "n/a"
     p = "" if math.isnan(d["p"]) else f", p={d['p']:.2g}"
-    return f"{_fmt(d['mean'], signed=True)} ± {_fmt(d['std'])} (wins {d['wins']}/{d['n']}{p})"
+    return f"{fmt(d['mean'], signed=True)} ± {fmt(d['std'])} (wins {d['wins']}/{d['n']}{p})"
 
 
 def classes_of(result: dict) -> list[str]:
@@ -721,9 +751,9 @@ def write_summary(root: Path, settings: BenchmarkSettings) -> dict:
     results, failures = load_results(root, settings)
     rows = [{"trainer": r["trainer"], "reference": settings.reference_of(r["trainer"]) or "",
              "sparsity": r["sparsity"], "seed": r["seed"], "dataset": r["dataset"], "class": name,
-             **{column: _metric(r, where, name) for column, where, _ in SUMMARY_METRICS}, "minutes": r["minutes"]}
+             **{column: metric_of(r, where, name) for column, where, _ in SUMMARY_METRICS}, "minutes": r["minutes"]}
             for r in results for name in [MEAN, *classes_of(r)]]
-    _write_rows(root / "summary.csv", ["trainer", "reference", "sparsity", "seed", "dataset", "class",
+    write_rows(root / "summary.csv", ["trainer", "reference", "sparsity", "seed", "dataset", "class",
                                        *(c for c, _, _ in SUMMARY_METRICS), "minutes"], rows)
     markdown = _markdown(results, failures, settings)
     (root / "results.md").write_text(markdown)
@@ -753,12 +783,12 @@ def _markdown(results: list[dict], failures: list[dict], settings: BenchmarkSett
         by_arm = {arm: runs for arm, runs in by_arm.items() if runs}
         lines += [f"## {sparsity.description} (`{sparsity.label}`)", "", header, "|---" * 9 + "|"]
         for arm, mine in by_arm.items():
-            cells = [_fmt_mean_std([_metric(r, where) for r in mine])
+            cells = [fmt_mean_std([metric_of(r, where) for r in mine])
                      for column, where, _ in SUMMARY_METRICS if column in MAIN_COLUMNS]
-            cells.append(_fmt(mean_std([r["minutes"] for r in mine])[0], 1))
+            cells.append(fmt(mean_std([r["minutes"] for r in mine])[0], 1))
             reference = s.reference_of(arm)
             deltas = (["—", "—", "—"] if reference is None else
-                      [f"`{reference}`"] + [_fmt_paired(paired_difference(level, arm, sparsity.label, part, reference))
+                      [f"`{reference}`"] + [fmt_paired(paired_difference(level, arm, sparsity.label, part, reference))
                                             for part in ("test", "train")])
             lines.append(f"| {arm} | {len(mine)} | " + " | ".join(cells + deltas) + " |")
         lines += ["", *_best_stock_lines(by_arm, s), *_per_class_table(by_arm), *_distance_table(by_arm)]
@@ -770,7 +800,7 @@ def _markdown(results: list[dict], failures: list[dict], settings: BenchmarkSett
 
 def _mean_metric(runs: list[dict], column: str, name: str = MEAN) -> float:
     where = next(w for c, w, _ in SUMMARY_METRICS if c == column)
-    return mean_std([_metric(r, where, name) for r in runs])[0]
+    return mean_std([metric_of(r, where, name) for r in runs])[0]
 
 
 def _best_stock_lines(by_arm: dict[str, list[dict]], settings: BenchmarkSettings) -> list[str]:
@@ -782,8 +812,8 @@ def _best_stock_lines(by_arm: dict[str, list[dict]], settings: BenchmarkSettings
         return sorted(arms, key=lambda arm: -np.nan_to_num(_mean_metric(by_arm[arm], "unannotated_dice"), nan=-1))
 
     def describe(arm):
-        return (f"`{arm}` (Dice unannotated slices {_fmt(_mean_metric(by_arm[arm], 'unannotated_dice'))}, test "
-                f"volumes {_fmt(_mean_metric(by_arm[arm], 'test_dice'))})")
+        return (f"`{arm}` (Dice unannotated slices {fmt(_mean_metric(by_arm[arm], 'unannotated_dice'))}, test "
+                f"volumes {fmt(_mean_metric(by_arm[arm], 'test_dice'))})")
 
     lines = []
     if len(stock) > 1:
@@ -804,7 +834,7 @@ def _per_class_table(by_arm: dict[str, list[dict]]) -> list[str]:
     lines = ["Per class (mean over seeds; test volumes / unannotated slices):", "",
              "| arm | " + " | ".join([*classes, MEAN]) + " |", "|---|" + "---|" * (len(classes) + 1)]
     for arm, runs in by_arm.items():
-        cells = [f"{_fmt(_mean_metric(runs, 'test_dice', name))} / {_fmt(_mean_metric(runs, 'unannotated_dice', name))}"
+        cells = [f"{fmt(_mean_metric(runs, 'test_dice', name))} / {fmt(_mean_metric(runs, 'unannotated_dice', name))}"
                  for name in [*classes, MEAN]]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines + [""]
@@ -820,7 +850,7 @@ def _distance_table(by_arm: dict[str, list[dict]]) -> list[str]:
     lines = ["Dice on the training volumes by distance to the nearest annotated slice (0 = annotated; mean over "
              "seeds):", "", "| arm | " + " | ".join(map(str, distances)) + " |", "|---|" + "---|" * len(distances)]
     for arm, arm_curves in curves.items():
-        cells = [_fmt(mean_std([_none_to_nan(c.get(str(d), c.get(d))) for c in arm_curves])[0]) for d in distances]
+        cells = [fmt(mean_std([_none_to_nan(c.get(str(d), c.get(d))) for c in arm_curves])[0]) for d in distances]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -836,7 +866,7 @@ def _plot(results: list[dict], settings: BenchmarkSettings, root: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (_column, where, title) in zip(axes, (SUMMARY_METRICS[0], SUMMARY_METRICS[3])):
         for trainer in settings.trainers:
-            stats = [mean_std([_metric(r, where) for r in results
+            stats = [mean_std([metric_of(r, where) for r in results
                                if r["trainer"] == trainer and r["sparsity"] == label]) for label in labels]
             ax.errorbar(range(len(labels)), [m for m, _, _ in stats], yerr=[0 if math.isnan(e) else e
                                                                             for _, e, _ in stats],
@@ -902,13 +932,13 @@ def _data_settings(args) -> dict:
     return {"recipe": args.recipe or "synth", "data": args.data}
 
 
-def _common_settings(args) -> dict:
+def common_settings(args) -> dict:
     return {**_data_settings(args), "iterations": args.iterations, "plans": args.plans,
             "configuration": args.configuration, "device": args.device, "topology": not args.no_topology}
 
 
 def run_cli(args) -> None:
-    settings = BenchmarkSettings(**_common_settings(args), trainers=args.trainers, sparsities=args.sparsity,
+    settings = BenchmarkSettings(**common_settings(args), trainers=args.trainers, sparsities=args.sparsity,
                                  seeds=args.seeds, epochs=args.epochs, attention_stages=args.attention_stages,
                                  reference_2d=not args.no_2d)
     if not settings.budget_measured and args.epochs is None:
@@ -924,12 +954,12 @@ def run_cli(args) -> None:
 
 
 def run_convergence_cli(args) -> None:
-    settings = BenchmarkSettings(**_common_settings(args), trainers=[], sparsities=args.sparsity and [args.sparsity],
+    settings = BenchmarkSettings(**common_settings(args), trainers=[], sparsities=args.sparsity and [args.sparsity],
                                  seeds=[args.seed], reference_2d=False)
     run_convergence(Path(args.out), settings, args.epochs, stop_when_converged=not args.all_budgets)
 
 
-def _add_data_arguments(parser) -> None:
+def add_data_arguments(parser) -> None:
     parser.add_argument("--recipe", choices=BUILT_IN_RECIPES, help="built-in dataset recipe (default: synth)")
     parser.add_argument("--data", help="the recipe's data folder: vesselnn's TIFF pairs, gala_fibsem's "
                         "train-image.h5 + train-gt.lzf.h5")
@@ -941,7 +971,7 @@ def _add_data_arguments(parser) -> None:
                              "every third case, at least one)")
 
 
-def _add_training_arguments(parser) -> None:
+def add_training_arguments(parser) -> None:
     # Plain dataclass defaults: an instance would check the trainers, importing torch for every nnunet-ext command.
     defaults = BenchmarkSettings
     parser.add_argument("--iterations", type=int,
@@ -957,7 +987,7 @@ def add_arguments(parser) -> None:
     """The options of ``nnunet-ext benchmark`` (the accuracy runs)."""
     parser.add_argument("--out", default="nnunet_ext_benchmark",
                         help="benchmark folder: created, or resumed when it holds this benchmark")
-    _add_data_arguments(parser)
+    add_data_arguments(parser)
     parser.add_argument("--trainers", nargs="+", default=list(DEFAULT_TRAINERS), metavar="ARM",
                         help=f"arms TRAINER[@CONFIGURATION][@PLANS] compared with {REFERENCE} (PLANS: attention or "
                              f"an existing identifier); stock on each arm's plans and stock 2d join automatically "
@@ -966,7 +996,7 @@ def add_arguments(parser) -> None:
                         help="every:K or slices:N levels (default per recipe: synth every:4 every:8)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="seeds (default 0 1 2)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's measured budget)")
-    _add_training_arguments(parser)
+    add_training_arguments(parser)
     parser.add_argument("--attention-stages", type=int, default=BenchmarkSettings.attention_stages,
                         help="decoder stages with axial attention in @attention arms (default 2)")
     parser.add_argument("--no-2d", action="store_true", help="leave out the stock 2d reference arm")
@@ -981,11 +1011,11 @@ def register_converge_cli(modes) -> None:
                                           f"the smallest budget whose annotated-slice Dice gains < {CONVERGED_GAIN} "
                                           f"over the previous one.")
     parser.add_argument("--out", default="nnunet_ext_converge", help="study folder: created, or resumed")
-    _add_data_arguments(parser)
+    add_data_arguments(parser)
     parser.add_argument("--sparsity", metavar="LEVEL", help="one level (default: the recipe's first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, nargs="+", default=list(CONVERGE_EPOCHS),
                         help=f"budgets in epochs (default {' '.join(map(str, CONVERGE_EPOCHS))})")
-    _add_training_arguments(parser)
+    add_training_arguments(parser)
     parser.add_argument("--all-budgets", action="store_true", help="train every budget, also after convergence")
     parser.set_defaults(func=run_convergence_cli)

@@ -144,6 +144,34 @@ def check_data(recipe: str, data_dir: Path, test_cases: int | None = None) -> No
                                 f"the gala_fibsem recipe reads the volumes of janelia-flyem/gala's example data")
 
 
+def training_slice_counts(recipe: str, data_dir: Path | None, test_cases: int | None = None) -> dict[str, int]:
+    """Slices along axis 0 (the axis the benchmark annotates) of each training volume ``recipe`` writes, read from
+    file headers before anything is written; keys name the volumes for error messages."""
+    if recipe == "synth":
+        return {f"synth training volume {i}": SYNTH_CASES["shape"][0] for i in range(SYNTH_CASES["num_cases"])}
+    data_dir = Path(data_dir)
+    check_data(recipe, data_dir, test_cases)
+    if recipe == DENSE:
+        from nnunet_ext.datasets.sparsify import label_shape
+
+        _, ending, train, _ = dense_test_split(data_dir, test_cases)
+        return {case: label_shape(data_dir / "labelsTr" / f"{case}{ending}")[0] for case in train}
+    if recipe == "vesselnn":
+        import tifffile
+
+        def slices(label: Path) -> int:
+            with tifffile.TiffFile(label) as tif:
+                return tif.series[0].shape[0]
+
+        return {key: slices(label) for index, (key, (_, label)) in enumerate(vesselnn_pairs(data_dir).items())
+                if _vesselnn_split(index) == "Tr"}
+    import h5py
+
+    with h5py.File(data_dir / GALA_FILES[1], "r") as f:
+        depth = f[GALA_KEY].shape[0]
+    return {f"gala_{index:03d}": depth for index in range(GALA_TILES - 1)}  # tiles along x keep every z slice
+
+
 def write_dense(recipe: str, data_dir: Path, raw_dir: Path, dataset_id: int, name: str,
                 test_cases: int | None = None) -> Path:
     """The dense raw dataset of a real-data recipe (``dense``: a copy of ``data_dir`` with its test split)."""
@@ -244,6 +272,11 @@ def vesselnn_pairs(data_dir: Path) -> dict[str, tuple[Path, Path]]:
     return pairs
 
 
+def _vesselnn_split(index: int) -> str:
+    """"Ts" for every third vesselnn volume (the test volumes), else "Tr"."""
+    return "Ts" if index % 3 == 2 else "Tr"
+
+
 def _write_vesselnn(data_dir: Path, folder: Path, name: str) -> None:
     from nnunet_ext.dataset_conversion.lsfm import downsample_in_plane
     from nnunet_ext.datasets.readers import read_tiff
@@ -259,7 +292,7 @@ def _write_vesselnn(data_dir: Path, folder: Path, name: str) -> None:
         size = image.shape[1] // VESSELNN_IN_PLANE_FACTOR
         (image,), label, spacing = downsample_in_plane([image], (label > 0).astype(np.uint8), VESSELNN_SPACING,
                                                        size)
-        split = "Ts" if index % 3 == 2 else "Tr"
+        split = _vesselnn_split(index)
         write_image(image, folder / f"images{split}" / key, spacing, channel=0)
         write_image(label, folder / f"labels{split}" / key, spacing)
         if split == "Tr":

@@ -20,7 +20,7 @@ import json
 import math
 import numbers
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +292,11 @@ def _check_declared(dense: np.ndarray, labels: dict[str, int], path: Path) -> No
                         f"({declared}); add it to 'labels' there or fix the label file")
 
 
+def _with_room_for(dense: np.ndarray, ignore: int) -> np.ndarray:
+    """``dense`` in a type that holds the ignore value: a uint8 label with 255 classes needs a wider one."""
+    return dense.astype(np.result_type(dense.dtype, np.min_scalar_type(ignore)), copy=False)
+
+
 def _write_cases(folder: Path, source: Path, plan: dict[str, dict], ending: str, axis: int,
                  labels: dict[str, int], ignore: int) -> None:
     for sub in ("labelsTr", DENSE_FOLDER):
@@ -303,8 +308,7 @@ def _write_cases(folder: Path, source: Path, plan: dict[str, dict], ending: str,
         path = source / "labelsTr" / f"{case}{ending}"
         dense, reference = _read_label(path)
         _check_declared(dense, labels, path)
-        # Room for the ignore value: a uint8 label with 255 classes needs a wider type.
-        dense = dense.astype(np.result_type(dense.dtype, np.min_scalar_type(ignore)), copy=False)
+        dense = _with_room_for(dense, ignore)
         _write_label(sparsify(dense, axis, entry["train"], ignore), folder / "labelsTr" / case, entry["spacing"],
                      ending, reference)
         copy_label(source / "labelsTr" / case, folder / DENSE_FOLDER / case, ending)
@@ -375,6 +379,78 @@ def sparsify_dataset(source: Path, out_dir: Path, dataset_id: int, name: str | N
     return Path(out_dir) / dataset_folder_name(dataset_id, name)
 
 
+# --------------------------------------------------------------------------------------------- re-annotation
+
+
+def _sparse_source(source: Path) -> tuple[dict, str, int, int, list[str]]:
+    """(dataset.json, file ending, annotation axis, ignore label, cases of labelsTr_dense) of a sparse dataset that
+    keeps its dense truth (written by ``sparsify_dataset`` or ``synth``); UserError otherwise."""
+    document_path = source / "dataset.json"
+    if not document_path.is_file():
+        raise UserError(f"{source} has no dataset.json: point at a sparse nnU-Net raw dataset folder")
+    document = json.loads(document_path.read_text())
+    ending, axis = document.get("file_ending"), document.get("annotation_axis")
+    ignore = document.get("labels", {}).get(IGNORE)
+    dense_folder = source / DENSE_FOLDER
+    cases = sorted(p.name[:-len(ending)] for p in dense_folder.glob(f"*{ending}")) if ending else []
+    if ignore is None or axis is None or ending not in _FORMAT_OF_ENDING or not cases:
+        raise UserError(f"{source}: re-annotating needs a sparse dataset with an ignore label, annotation_axis and "
+                        f"its dense truth in {DENSE_FOLDER} (as sparsify and synth write them)")
+    return document, ending, axis, ignore, cases
+
+
+def _checked_plan(source: Path, ending: str, axis: int, cases: list[str],
+                  slices: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """``slices`` as sorted lists per case, each index a distinct slice of its case; UserError otherwise."""
+    if sorted(slices) != cases:
+        raise UserError(f"the slice plan names cases {sorted(slices)}, {source.name} has {cases}: give slices for "
+                        f"every training case")
+    plan = {}
+    for case in cases:
+        length = label_shape(source / DENSE_FOLDER / f"{case}{ending}")[axis]
+        kept = [int(i) for i in slices[case]]
+        if not kept or len(set(kept)) != len(kept) or not all(0 <= i < length for i in kept):
+            raise UserError(f"slices {kept} of case {case}: give distinct indices in 0..{length - 1} (its slices "
+                            f"along axis {axis}), at least one")
+        plan[case] = sorted(kept)
+    return plan
+
+
+def reannotate_dataset(source: Path, out_dir: Path, dataset_id: int, name: str,
+                       slices: Mapping[str, Sequence[int]]) -> Path:
+    """A copy of the sparse dataset ``source`` whose labelsTr keep exactly ``slices[case]`` of each case's dense
+    truth (labelsTr_dense) along its annotation axis, as ``out_dir/DatasetXXX_<name>/``; returns its path.
+
+    Images, test volumes and dense truth are copied; dataset.json lists the new ``annotated_slices`` (no hold-out).
+    Raises UserError for a source without dense truth or a plan that misses a case or leaves its slice range;
+    nothing is left in ``out_dir`` then.
+    """
+    source = Path(source)
+    document, ending, axis, ignore, cases = _sparse_source(source)
+    check_dataset_id_and_name(dataset_id, name)
+    check_free(out_dir, dataset_id, name)
+    plan = _checked_plan(source, ending, axis, cases, slices)
+    with atomic_dataset_folder(out_dir, dataset_id, name) as folder:
+        for sub in (*_COPIED_FOLDERS, DENSE_FOLDER):
+            if (source / sub).is_dir():
+                shutil.copytree(source / sub, folder / sub)
+        (folder / "labelsTr").mkdir()
+        for case, kept in plan.items():
+            path = source / DENSE_FOLDER / f"{case}{ending}"
+            dense, reference = _read_label(path)
+            _write_label(sparsify(_with_room_for(dense, ignore), axis, kept, ignore), folder / "labelsTr" / case,
+                         _label_header(path)[1], ending, reference)
+        counts = "/".join(map(str, sorted({len(kept) for kept in plan.values()})))
+        document = {**document, "name": name, "annotated_slices": plan, "holdout_slices": {c: [] for c in plan},
+                    "description": f"{source.name} re-annotated: labelsTr keep {counts} slices per volume along axis "
+                                   f"{axis} (listed in annotated_slices), every other voxel is ignore ({ignore}); "
+                                   f"{DENSE_FOLDER} holds the dense truth",
+                    "reannotated_from": str(source.resolve())}
+        (folder / "dataset.json").write_text(json.dumps(document, indent=2) + "\n")
+        verify_raw_dataset(folder)
+    return Path(out_dir) / dataset_folder_name(dataset_id, name)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -411,3 +487,8 @@ def check_dense_source(source: Path) -> tuple[dict, str, list[str]]:
     For callers that validate their input before writing anything (``nnunet-ext benchmark --dense``).
     """
     return _load_source(Path(source))
+
+
+def label_shape(path: Path) -> tuple[int, ...]:
+    """Shape of a label file (``.nii.gz`` or ``.tif``) in (z, y, x) order, without reading its voxels."""
+    return _label_header(Path(path))[0]
