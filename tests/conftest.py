@@ -86,6 +86,16 @@ def trained_stock(tiny_dataset) -> TrainedModel:
 
 
 @pytest.fixture
+def benchmark_shell(monkeypatch) -> None:
+    """A user's shell running `nnunet-ext benchmark`: no nnU-Net folders set (the benchmark sets its own), one worker
+    process, no torch.compile; augmentation workers left to the benchmark."""
+    for variable in (*NNUNET_FOLDERS, "nnUNet_n_proc_DA"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    monkeypatch.setenv("nnUNet_compile", "false")
+
+
+@pytest.fixture
 def tiny_env(tiny_dataset, monkeypatch) -> TinyDataset:
     """This process's nnU-Net variables pointed at the shared tiny dataset (augmentation in the main process)."""
     for key, value in train_env(tiny_dataset.env).items():

@@ -447,17 +447,13 @@ def test_a_failed_start_run_fails_every_arm_of_its_seed(tmp_path, fake_nnunet, c
 
 
 @pytest.mark.integration
-def test_the_annotation_loop_through_the_real_commands(tmp_path, monkeypatch):
+def test_the_annotation_loop_through_the_real_commands(tmp_path, monkeypatch, benchmark_shell):
     """`benchmark annotate` on a tiny dense dataset: planning, training, prediction and `nnunet-ext suggest`
     through the real commands; one seed, one epoch. Only the start and suggested arms run (each run costs about a
     minute of nnU-Net start-ups): the even and random arms write and train their datasets through the same code,
     and the fake-nnU-Net test above covers their slices."""
     monkeypatch.setattr(loop_module, "ADDED_ARMS", (SUGGESTED,))
     monkeypatch.setattr(loop_module, "ARMS", ("start", SUGGESTED))
-    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("nnUNet_def_n_proc", "1")
-    monkeypatch.setenv("nnUNet_compile", "false")
     source = write_dense_dataset(tmp_path / "Dataset001_Cells")
     out = tmp_path / "loop"
     command = ["benchmark", "annotate", "--dense", str(source), "--out", str(out), "--start", "2", "--add", "1",

@@ -213,14 +213,10 @@ def test_convergence_stops_at_the_first_budget_that_gains_too_little(tmp_path, m
 
 
 @pytest.mark.integration
-def test_a_dense_tiff_benchmark_with_attention_2d_and_pseudo_label_arms(tmp_path, monkeypatch):
+def test_a_dense_tiff_benchmark_with_attention_2d_and_pseudo_label_arms(tmp_path, benchmark_shell):
     """One benchmark through the real nnU-Net commands (one run, as each costs minutes of nnU-Net start-up): --dense
     on a 2-channel, 2-class TIFF dataset without test volumes; stock 3d_fullres and 2d, stock and Mean Teacher on
     attention plans, and Castelli et al.'s 2D-to-3D pseudo-label arm through `nnunet-ext pseudolabels`."""
-    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("nnUNet_def_n_proc", "1")
-    monkeypatch.setenv("nnUNet_compile", "false")
     source = write_dense_tiff_dataset(tmp_path / "Dataset001_Cells")
     out = tmp_path / "bench"
     command = ["benchmark", "--dense", str(source), "--out", str(out), "--trainers", "MeanTeacherTrainer@attention",
