@@ -368,11 +368,11 @@ def test_ensemble_is_what_validation_checkpoints_and_the_predictor_see(in_proces
 
 # ---------------------------------------------------------------------------------------------------------- DDP
 
-def _ddp_cps_worker(rank: int, world_size: int, folder: str, env: dict) -> None:
+def _ddp_cps_worker(rank: int, world_size: int, folder: str, env: dict, trainer_class: type) -> None:
     os.environ.update(env)
     torch.set_num_threads(1)
     torch.manual_seed(rank)  # different initial weights and data per rank: DDP must make the networks agree
-    trainer = build_trainer(CPSCutMixTrainer, TINY_DATASET_ID, "nnUNetPlans_tiny", scratch=f"{folder}/scratch{rank}")
+    trainer = build_trainer(trainer_class, TINY_DATASET_ID, "nnUNetPlans_tiny", scratch=f"{folder}/scratch{rank}")
     batches = draw_batches(trainer, 2)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
     try:
@@ -397,9 +397,10 @@ def _ddp_cps_worker(rank: int, world_size: int, folder: str, env: dict) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed + gloo")
-def test_both_networks_stay_identical_on_ddp_ranks(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("trainer_class", [CPSCutMixTrainer, CPSCutMixTrainer_cleansup])
+def test_both_networks_stay_identical_on_ddp_ranks(tiny_dataset, tmp_path, trainer_class):
     env = {k: v for k, v in train_env(tiny_dataset.env).items() if k.startswith("nnUNet")}
-    mp.start_processes(_ddp_cps_worker, args=(2, str(tmp_path), env), nprocs=2, join=True,
+    mp.start_processes(_ddp_cps_worker, args=(2, str(tmp_path), env, trainer_class), nprocs=2, join=True,
                        start_method="forkserver")
     rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2))
     for name in ("a", "b"):

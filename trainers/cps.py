@@ -171,6 +171,8 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
                     loss = loss_sup + lambda_cps * loss_cps
                 else:
                     loss = lambda_cps * loss_cps
+                    if isinstance(output, (list, tuple)):  # DDP needs a gradient for every parameter: 0 x the rest
+                        loss = loss + sum(0.0 * o.sum() for o in output[1:])
             self.backward(loss)
             self.clip_and_step(network, optimizer)
             results[name] = (loss_sup.detach() + lambda_cps * loss_cps.detach(), loss_sup.detach(),
