@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 DATASET_JSON_KEY = "annotation_axis"
+ANNOTATED_SLICES_KEY = "annotated_slices"  # dataset.json: case -> annotated slice indices along that axis
 
 
 def axis_from_dataset_json(dataset_json: dict, transpose_forward: Sequence[int]) -> int | None:

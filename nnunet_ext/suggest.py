@@ -41,7 +41,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-from nnunet_ext.annotation_axis import DATASET_JSON_KEY, find_annotation_axis
+from nnunet_ext.annotation_axis import ANNOTATED_SLICES_KEY, DATASET_JSON_KEY, find_annotation_axis
 from nnunet_ext.datasets.raw_dataset import check_output_folder
 from nnunet_ext.errors import UserError
 from nnunet_ext.nnunet_paths import dataset_folder, require_folder
@@ -61,7 +61,6 @@ from nnunet_ext.slice_suggestion import (
 
 CSV_FILE = "suggestions.csv"
 MONTAGE_FILE = "montage.png"
-ANNOTATED_SLICES_KEY = "annotated_slices"
 CSV_COLUMNS = ("rank", "case", "axis", "slice", "score", "score_name")
 
 

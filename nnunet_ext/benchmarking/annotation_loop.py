@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nnunet_ext.annotation_axis import ANNOTATED_SLICES_KEY, DATASET_JSON_KEY
 from nnunet_ext.benchmarking.accuracy import (
     DEFAULT_SEEDS,
     FOLD,
@@ -204,8 +205,8 @@ def arm_folder(root: Path, loop: AnnotationLoop, seed: int, arm: str) -> Path:
 def dataset_plan(raw: Path) -> tuple[Plan, dict[str, int]]:
     """(annotated slices per case, slices per case along the annotation axis) of a sparse dataset."""
     document = json.loads((raw / "dataset.json").read_text())
-    plan = {case: sorted(int(i) for i in slices) for case, slices in document["annotated_slices"].items()}
-    counts = {case: label_shape(raw / DENSE_FOLDER / f"{case}{document['file_ending']}")[document["annotation_axis"]]
+    plan = {case: sorted(int(i) for i in slices) for case, slices in document[ANNOTATED_SLICES_KEY].items()}
+    counts = {case: label_shape(raw / DENSE_FOLDER / f"{case}{document['file_ending']}")[document[DATASET_JSON_KEY]]
               for case in plan}
     return plan, counts
 

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 import tifffile
 
+from nnunet_ext.annotation_axis import ANNOTATED_SLICES_KEY, DATASET_JSON_KEY
 from nnunet_ext.datasets.raw_dataset import (
     FILE_ENDINGS,
     add_output_arguments,
@@ -325,8 +326,8 @@ def _sparse_document(document: dict, name: str, ignore: int, plan: dict[str, dic
                    f"ones, every other voxel is ignore ({ignore}); {DENSE_FOLDER} holds the dense truth")
     return {**document, "name": name, "description": description,
             "labels": {**document["labels"], IGNORE: ignore},
-            "annotation_axis": axis,
-            "annotated_slices": {case: entry["train"] for case, entry in plan.items()},
+            DATASET_JSON_KEY: axis,
+            ANNOTATED_SLICES_KEY: {case: entry["train"] for case, entry in plan.items()},
             "holdout_slices": {case: entry["held"] for case, entry in plan.items()},
             "spacing": _common_spacing(plan),
             "sparsify": arguments}
@@ -343,7 +344,7 @@ def sparsify_dataset(source: Path, out_dir: Path, dataset_id: int, name: str | N
         out_dir: the raw folder to write into (usually $nnUNet_raw).
         dataset_id, name: the new dataset's id (1-999) and name (default ``<source name>_sparse``).
         axis: annotation axis in the array order nnU-Net's reader returns (0 = z).
-        every, n_slices: keep every k-th slice or N evenly spaced slices (exactly one; see ``synth.annotated_slices``).
+        every, n_slices: keep every k-th slice or N evenly spaced slices (exactly one; see ``annotated_slices``).
         holdout_fraction, seed: hold out this share of each case's kept slices (see ``split_holdout``).
 
     Returns:
@@ -389,7 +390,7 @@ def _sparse_source(source: Path) -> tuple[dict, str, int, int, list[str]]:
     if not document_path.is_file():
         raise UserError(f"{source} has no dataset.json: point at a sparse nnU-Net raw dataset folder")
     document = json.loads(document_path.read_text())
-    ending, axis = document.get("file_ending"), document.get("annotation_axis")
+    ending, axis = document.get("file_ending"), document.get(DATASET_JSON_KEY)
     ignore = document.get("labels", {}).get(IGNORE)
     dense_folder = source / DENSE_FOLDER
     cases = sorted(p.name[:-len(ending)] for p in dense_folder.glob(f"*{ending}")) if ending else []
@@ -441,7 +442,7 @@ def reannotate_dataset(source: Path, out_dir: Path, dataset_id: int, name: str,
             _write_label(sparsify(_with_room_for(dense, ignore), axis, kept, ignore), folder / "labelsTr" / case,
                          _label_header(path)[1], ending, reference)
         counts = "/".join(map(str, sorted({len(kept) for kept in plan.values()})))
-        document = {**document, "name": name, "annotated_slices": plan, "holdout_slices": {c: [] for c in plan},
+        document = {**document, "name": name, ANNOTATED_SLICES_KEY: plan, "holdout_slices": {c: [] for c in plan},
                     "description": f"{source.name} re-annotated: labelsTr keep {counts} slices per volume along axis "
                                    f"{axis} (listed in annotated_slices), every other voxel is ignore ({ignore}); "
                                    f"{DENSE_FOLDER} holds the dense truth",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from nnunet_ext.annotation_axis import ANNOTATED_SLICES_KEY, DATASET_JSON_KEY
 from nnunet_ext.datasets.raw_dataset import (
     atomic_dataset_folder,
     check_axis,
@@ -448,8 +449,8 @@ def _dataset_json(name: str, train_ids: list[str], slices: list[int], config: di
         "labels": dict(LABELS),
         "numTraining": len(train_ids),
         "file_ending": FILE_ENDING,
-        "annotation_axis": axis,
-        "annotated_slices": {case: list(slices) for case in train_ids},
+        DATASET_JSON_KEY: axis,
+        ANNOTATED_SLICES_KEY: {case: list(slices) for case in train_ids},
         "spacing": list(config["spacing"]),
         "synth": config,
     }
