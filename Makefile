@@ -17,13 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# The 15 slowest tests are listed at the end: a test that grows slow shows up there.
+# Two pytest workers: most of the suite's time is single-threaded nnU-Net start-up (imports, spawned pools), so a
+# second worker uses the second core. The 15 slowest tests are listed at the end: a test that grows slow shows up.
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 # Skips the tests that drive nnU-Net's command-line tools (marked `integration`).
 test-fast: lint
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not integration"
 
 demo: venv
 	$(VENV)/bin/nnunet-ext demo

@@ -16,6 +16,15 @@ TINY_DATASET_ID = 7
 TINY_SHAPE = (16, 32, 32)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers on two cores) one torch thread per worker, so the
+    in-process tests of two workers do not oversubscribe the cores."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def cli(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
     """Run a console script installed in this environment (nnunet-ext, nnUNetv2_*)."""
     result = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True)
