@@ -66,7 +66,7 @@ ADDED_ARMS = (SUGGESTED, EVEN, RANDOM)
 ARMS = (START, *ADDED_ARMS)
 KIND = "annotate"
 ANNOTATION_AXIS = 0  # the axis the benchmark's datasets are annotated along (sparsify's and synth's default)
-DEFAULT_START, DEFAULT_ADD = 3, 2
+DEFAULT_START, DEFAULT_ADD, DEFAULT_MIN_GAP = 3, 2, 1
 STOCK_SCORES = ("entropy", "mirror")  # `suggest`'s scores for a one-network checkpoint such as stock nnU-Net's
 SUGGESTIONS_FOLDER = "suggestions"
 SUGGESTIONS_CSV = "suggestions.csv"  # the file `nnunet-ext suggest` writes (nnunet_ext.suggest.CSV_FILE)
@@ -84,7 +84,7 @@ class AnnotationLoop:
     start: int = DEFAULT_START
     add: int = DEFAULT_ADD
     score: str = "entropy"
-    min_gap: int = 1
+    min_gap: int = DEFAULT_MIN_GAP
 
     def __post_init__(self) -> None:
         for option, value, least in (("--start", self.start, 1), ("--add", self.add, 1),
@@ -486,9 +486,9 @@ def register_cli(modes) -> None:
                              f"(default {DEFAULT_ADD})")
     parser.add_argument("--score", choices=STOCK_SCORES, default="entropy",
                         help="suggest's uncertainty score (default entropy)")
-    parser.add_argument("--min-gap", type=int, default=1,
+    parser.add_argument("--min-gap", type=int, default=DEFAULT_MIN_GAP,
                         help="suggest's --min-gap: no suggestion within this many slices of an annotated or another "
-                             "suggested slice (default 1)")
+                             f"suggested slice (default {DEFAULT_MIN_GAP})")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="seeds (default 0 1 2)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's measured budget)")
     add_training_arguments(parser)
