@@ -29,7 +29,11 @@ from nnunet_ext.pseudo_label_generation import (
 )
 from nnunet_ext.semi_supervised.pseudo_label import CONFIDENCE_SCALE
 from nnunet_ext.trainer_in_process import draw_batches
-from nnunet_ext.trainers import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
+from nnunet_ext.trainers import (
+    MeanTeacherContinuityPseudoLabelTrainer_ema99,
+    PseudoLabelConfidenceTrainer,
+    PseudoLabelWeightedTrainer,
+)
 
 pytestmark = pytest.mark.integration
 PLANS = "nnUNetPlans_tiny"
@@ -174,6 +178,36 @@ def test_pseudo_labels_stay_aligned_with_the_labels_through_augmentation(tiny_da
     # Validation batches keep nnU-Net's plain one-channel labels.
     _, validation = trainer.get_dataloaders()
     assert next(validation)["target"][0].shape[1] == 1
+
+
+def test_mean_teacher_on_pseudo_labels_adds_every_term_on_the_student(tiny_dataset, in_process):
+    write_dense_truth_pseudo_labels(tiny_dataset, fold=2)
+    trainer = in_process(MeanTeacherContinuityPseudoLabelTrainer_ema99, fold=2)
+    trainer.current_epoch = trainer.num_epochs  # ramp-ups done: lambda_cons = lambda_cont = 1
+    assert trainer.continuity_axis is not None and trainer.perturbed_network == "teacher"
+    (batch,) = draw_batches(trainer, 1)
+    target = batch["target"]
+    labels = [t[:, :1] for t in target]  # channel 0: nnU-Net's labels; 1-2: pseudo-label and confidence
+    unlabeled = labels[0] == IGNORE
+    with torch.no_grad():  # the student's input is nnU-Net's batch unchanged, so its output is this one
+        output = trainer.network(batch["data"])
+        expected_sup = trainer.loss(output, labels).item()
+        alpha = [0.5 * (t[:, :1] == IGNORE).float() for t in target]
+        expected_pseudo = trainer.pseudo_label_loss(output, [t[:, 1:2] for t in target], alpha).item()
+    teacher_before = [p.clone() for p in trainer.teacher.module.parameters()]
+
+    step = trainer.train_step(batch)
+    assert set(trainer.ssl_log_keys) <= set(step)
+    assert step["lambda_cons"] == 1.0 and step["lambda_cont"] == 1.0
+    assert step["loss_sup"] == pytest.approx(expected_sup, rel=1e-5)
+    assert step["loss_pseudo"] == pytest.approx(expected_pseudo, rel=1e-5)
+    assert step["mean_pseudo_weight"] == pytest.approx(0.5)
+    assert step["pseudo_fraction"] == pytest.approx(unlabeled.float().mean().item())
+    total = step["loss_sup"] + step["loss_pseudo"] + step["loss_cons"] + step["loss_cont"]
+    assert float(step["loss"]) == pytest.approx(total, rel=1e-5)
+    assert step["loss_cons"] > 0 and step["loss_cont"] > 0
+    # The EMA teacher followed the student's step.
+    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, trainer.teacher.module.parameters()))
 
 
 def test_missing_pseudo_labels_stop_with_the_command_that_creates_them(in_process, tiny_dataset):

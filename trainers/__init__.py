@@ -18,6 +18,10 @@ from nnunet_ext.trainers.mean_teacher_ablation import (
     MeanTeacherTrainer_ema99_nossl,
     MeanTeacherTrainer_ema99_rawconf,
 )
+from nnunet_ext.trainers.mean_teacher_pseudo_label import (
+    MeanTeacherContinuityPseudoLabelTrainer,
+    MeanTeacherContinuityPseudoLabelTrainer_ema99,
+)
 from nnunet_ext.trainers.pseudo_label import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
 
 __all__ = [
@@ -40,4 +44,6 @@ __all__ = [
     "MeanTeacherContinuityTrainer_demo",
     "PseudoLabelWeightedTrainer",
     "PseudoLabelConfidenceTrainer",
+    "MeanTeacherContinuityPseudoLabelTrainer",
+    "MeanTeacherContinuityPseudoLabelTrainer_ema99",
 ]

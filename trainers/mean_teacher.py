@@ -85,7 +85,11 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         return self.consistency_weight * ramp, self.continuity_weight * ramp
 
     def train_step(self, batch: dict) -> dict:
-        data, target = self.batch_to_device(batch)
+        return self.mean_teacher_step(*self.batch_to_device(batch))
+
+    def mean_teacher_step(self, data: torch.Tensor, target, extra_loss=None) -> dict:
+        """One optimizer step on L_sup + lambda_cons L_cons + lambda_cont L_cont (+ ``extra_loss(output)``, a
+        function of the student's output that returns a loss and a dict of values to log) and the teacher's update."""
         # The consistency and continuity losses use the full-resolution output only: the downsampled deep-supervision
         # targets are nearest-neighbour samples (one child per coarse voxel), so they would count other voxels.
         unlabeled = unlabeled_mask(first_output(target), self.label_manager.ignore_label)
@@ -111,11 +115,15 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
                 loss_cont = axial_continuity_loss(torch.softmax(student_logits.float(), 1), unlabeled,
                                                   self.continuity_axis)
                 loss = loss + lambda_cont * loss_cont
+            extra_logs = {}
+            if extra_loss is not None:
+                loss_extra, extra_logs = extra_loss(output)
+                loss = loss + loss_extra
         self.optimizer_step(loss)
         self.teacher.update(unwrap(self.network))
         return {"loss": loss.detach().cpu().numpy(), "loss_sup": loss_sup.item(), "loss_cons": loss_cons.item(),
                 "loss_cont": loss_cont.item(), "lambda_cons": lambda_cons, "lambda_cont": lambda_cont,
-                "passed_fraction": float(passed_fraction)}
+                "passed_fraction": float(passed_fraction), **extra_logs}
 
     # ---- the teacher is what validation scores and nnUNetv2_predict loads
     def inference_network(self) -> torch.nn.Module:

@@ -21,7 +21,7 @@ from nnunet_ext.pseudo_label_generation import (
     pseudolabels_command,
 )
 from nnunet_ext.semi_supervised import VoxelWeightedDiceCE, split_pseudo_label_target, unlabeled_mask
-from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer
+from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer, first_output
 
 
 def nearest_segmentation_sampling(transforms):
@@ -111,31 +111,38 @@ class PseudoLabelWeightedTrainer(SemiSupervisedTrainer):
         weight = confidence if self.confidence_weighting else torch.ones_like(confidence)
         return self.pseudo_label_weight * weight * unlabeled
 
-    def train_step(self, batch: dict) -> dict:
-        data, target = self.batch_to_device(batch)
-        scales = target if isinstance(target, list) else [target]
+    def split_targets(self, target):
+        """nnU-Net's target (a tensor or a deep-supervision list) split into labels, pseudo-labels and L_p's voxel
+        weights, each with the target's structure."""
         labels, pseudo_labels, weights = [], [], []
-        for t in scales:
+        for t in target if isinstance(target, list) else [target]:
             label, pseudo_label, confidence = split_pseudo_label_target(t)
             labels.append(label)
             pseudo_labels.append(pseudo_label)
             weights.append(self.voxel_weights(unlabeled_mask(label, self.label_manager.ignore_label), confidence))
+        if isinstance(target, list):
+            return labels, pseudo_labels, weights
+        return labels[0], pseudo_labels[0], weights[0]
 
+    def pseudo_label_term(self, output, pseudo_labels, weights) -> tuple[torch.Tensor, dict]:
+        """L_p of the network's output and the values logged about it."""
+        loss_pseudo = self.pseudo_label_loss(output, pseudo_labels, weights)
+        full_resolution = first_output(weights)
+        selected = full_resolution > 0
+        return loss_pseudo, {"loss_pseudo": loss_pseudo.item(), "pseudo_fraction": selected.float().mean().item(),
+                             "mean_pseudo_weight": (full_resolution.sum() / selected.sum().clamp_min(1)).item()}
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self.batch_to_device(batch)
+        labels, pseudo_labels, weights = self.split_targets(target)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             output = self.network(data)
-            if isinstance(target, list):
-                loss_sup = self.loss(output, labels)
-                loss_pseudo = self.pseudo_label_loss(output, pseudo_labels, weights)
-            else:
-                loss_sup = self.loss(output, labels[0])
-                loss_pseudo = self.pseudo_label_loss(output, pseudo_labels[0], weights[0])
+            loss_sup = self.loss(output, labels)
+            loss_pseudo, logs = self.pseudo_label_term(output, pseudo_labels, weights)
             loss = loss_sup + loss_pseudo
         self.optimizer_step(loss)
-        selected = weights[0] > 0
-        return {"loss": loss.detach().cpu().numpy(), "loss_sup": loss_sup.item(), "loss_pseudo": loss_pseudo.item(),
-                "pseudo_fraction": selected.float().mean().item(),
-                "mean_pseudo_weight": (weights[0].sum() / selected.sum().clamp_min(1)).item()}
+        return {"loss": loss.detach().cpu().numpy(), "loss_sup": loss_sup.item(), **logs}
 
 
 class PseudoLabelConfidenceTrainer(PseudoLabelWeightedTrainer):
