@@ -8,8 +8,10 @@ the foreground classes (``mean``). Results go to ``evaluation.json`` and ``evalu
 """
 
 import csv
+import io
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -248,21 +250,34 @@ def json_ready(value):
 
 
 def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
-    """``evaluation.json`` (everything) and ``evaluation.csv`` (one row per case and class, then the means)."""
+    """``evaluation.json`` (everything) and ``evaluation.csv`` (one row per case and class, then the means).
+
+    Both are rendered before either is written, and each replaces its file whole, so a failure leaves the previous
+    results (or none), never a half-written file."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = out_dir / "evaluation.json", out_dir / "evaluation.csv"
-    json_path.write_text(json.dumps(json_ready(results), indent=2) + "\n")
     rows = [(case, name, metrics) for case, classes in results["cases"].items() for name, metrics in classes.items()]
     rows += [(MEAN, name, metrics) for name, metrics in results["aggregate"].items()]
     columns = _flat_columns([metrics for *_, metrics in rows])
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case", "class", *columns])
-        for case, name, metrics in rows:
-            flat = _flatten(metrics)
-            writer.writerow([case, name, *(_cell(flat.get(c)) for c in columns)])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["case", "class", *columns])
+    for case, name, metrics in rows:
+        flat = _flatten(metrics)
+        writer.writerow([case, name, *(_cell(flat.get(c)) for c in columns)])
+    document = json.dumps(json_ready(results), indent=2) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / "evaluation.json", out_dir / "evaluation.csv"
+    _replace_text(json_path, document)
+    _replace_text(csv_path, table.getvalue())
     return json_path, csv_path
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and move it over ``path`` (atomic on one file system)."""
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w", newline="") as f:
+        f.write(text)
+    os.replace(partial, path)
 
 
 def _flatten(metrics: dict) -> dict:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SCORES = ("entropy", "mirror", "models")
+SUGGESTIONS_CSV = "suggestions.csv"  # the file `nnunet-ext suggest` writes and the annotation loop reads
 DISAGREEMENT_SCORES = ("mirror", "models")
 
 

@@ -50,6 +50,7 @@ from nnunet_ext.pseudo_label_generation import parse_fold, replace_folder, torch
 from nnunet_ext.semi_supervised import SoftmaxEnsemble, unwrap
 from nnunet_ext.slice_suggestion import (
     SCORES,
+    SUGGESTIONS_CSV,
     PredictionMoments,
     Suggestion,
     annotated_slices_of_label,
@@ -59,7 +60,6 @@ from nnunet_ext.slice_suggestion import (
     voxel_scores,
 )
 
-CSV_FILE = "suggestions.csv"
 MONTAGE_FILE = "montage.png"
 CSV_COLUMNS = ("rank", "case", "axis", "slice", "score", "score_name")
 
@@ -91,7 +91,8 @@ def choose_score(score: str | None, two_models: bool, trainer: str) -> str:
 
 def check_out_folder(target: Path) -> Path:
     """``target`` if a suggestions folder may be written there (absent, empty, or an older suggestions folder)."""
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / CSV_FILE).is_file())):
+    older_suggestions = (target / SUGGESTIONS_CSV).is_file()
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not older_suggestions)):
         raise UserError(f"{target} exists and is not a suggestions folder: choose another --out (an older "
                         f"suggestions folder is replaced)")
     check_output_folder(target.parent)
@@ -246,7 +247,7 @@ def suggest_slices(dataset: str | int, configuration: str, trainer: str, n: int,
     tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir()
     try:
-        write_csv(tmp / CSV_FILE, suggestions, axis, score)
+        write_csv(tmp / SUGGESTIONS_CSV, suggestions, axis, score)
         images = {case: reader.read_images(files[case]["images"]) for case in {s.case for s in suggestions}}
         plot_montage(tmp / MONTAGE_FILE, [(f"{s.case} slice {s.index}\n{score} {s.score:.3g}",
                                            np.take(images[s.case][0][0], s.index, axis),

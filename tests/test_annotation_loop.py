@@ -150,11 +150,10 @@ def test_the_union_keeps_start_and_added_slices_at_the_expected_count():
 
 
 def test_suggestions_csv_is_read_into_slices_per_case(tmp_path):
-    from nnunet_ext.slice_suggestion import Suggestion
-    from nnunet_ext.suggest import CSV_FILE, write_csv
+    from nnunet_ext.slice_suggestion import SUGGESTIONS_CSV, Suggestion
+    from nnunet_ext.suggest import write_csv
 
-    assert loop_module.SUGGESTIONS_CSV == CSV_FILE
-    path = tmp_path / CSV_FILE
+    path = tmp_path / SUGGESTIONS_CSV
     write_csv(path, [Suggestion("b", 7, 0.9), Suggestion("a", 5, 0.8), Suggestion("b", 2, 0.5)], 0, "entropy")
     assert read_suggestions(path, ["a", "b", "c"]) == {"a": [5], "b": [2, 7], "c": []}
     with pytest.raises(UserError, match="'b', which is not a training case"):

@@ -136,6 +136,25 @@ def test_the_cli_writes_json_csv_and_prints_the_table(folders, capsys):
     assert rows[-1]["case"] == MEAN and rows[-1]["class"] == MEAN
 
 
+def test_results_that_fail_to_render_leave_the_previous_files_whole(folders, monkeypatch):
+    from nnunet_ext import evaluation
+
+    gt_dir, pred_dir, _, _ = folders
+    out = gt_dir.parent / "scores_failing"
+    results = evaluate_folder(pred_dir, gt_dir)
+    evaluation.write_results(results, out)
+    before = {name: (out / name).read_bytes() for name in ("evaluation.json", "evaluation.csv")}
+
+    def broken(metrics):
+        raise ValueError("cannot flatten")
+
+    monkeypatch.setattr(evaluation, "_flatten", broken)
+    with pytest.raises(ValueError, match="cannot flatten"):
+        evaluation.write_results({**results, "settings": {"changed": True}}, out)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.csv", "evaluation.json"]  # no partial file
+
+
 def test_mask_ignore_counts_the_annotated_voxels_of_a_sparse_folder(folders):
     gt_dir, pred_dir, sparse_dir, _ = folders
     results = evaluate_folder(pred_dir, gt_dir, mask_dir=sparse_dir, mask_ignore=IGNORE, topology=False)

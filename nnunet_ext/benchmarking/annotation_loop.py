@@ -60,6 +60,7 @@ from nnunet_ext.benchmarking.recipes import DENSE, RECIPES, Sparsity, training_s
 from nnunet_ext.datasets.sparsify import DENSE_FOLDER, label_shape, reannotate_dataset
 from nnunet_ext.errors import UserError
 from nnunet_ext.evaluation import MEAN
+from nnunet_ext.slice_suggestion import SUGGESTIONS_CSV
 
 START, SUGGESTED, EVEN, RANDOM = "start", "suggested", "even", "random"
 ADDED_ARMS = (SUGGESTED, EVEN, RANDOM)
@@ -69,7 +70,6 @@ ANNOTATION_AXIS = 0  # the axis the benchmark's datasets are annotated along (sp
 DEFAULT_START, DEFAULT_ADD, DEFAULT_MIN_GAP = 3, 2, 1
 STOCK_SCORES = ("entropy", "mirror")  # `suggest`'s scores for a one-network checkpoint such as stock nnU-Net's
 SUGGESTIONS_FOLDER = "suggestions"
-SUGGESTIONS_CSV = "suggestions.csv"  # the file `nnunet-ext suggest` writes (nnunet_ext.suggest.CSV_FILE)
 RESULT = "result.json"
 SUMMARY_COLUMNS = ("arm", "seed", "dataset", "annotated_count", "class", *(c for c, _, _ in SUMMARY_METRICS),
                    "minutes")
@@ -323,9 +323,8 @@ def run_annotation_loop(out: Path, settings: BenchmarkSettings, loop: Annotation
     with tqdm(total=len(settings.seeds), desc="annotation loop seeds", unit="seed") as bar:
         for seed in settings.seeds:
             run_seed(folder, loop, seed)
-            write_annotation_summary(folder.root, settings, loop)
+            summary = write_annotation_summary(folder.root, settings, loop)  # readable after every seed
             bar.update(1)
-    summary = write_annotation_summary(folder.root, settings, loop)
     print(summary["markdown"])
     return summary
 
