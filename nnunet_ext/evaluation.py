@@ -273,11 +273,15 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
 
 
 def _replace_text(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` and move it over ``path`` (atomic on one file system)."""
+    """Write ``text`` beside ``path`` and move it over ``path`` (atomic on one file system); on failure nothing of
+    it remains and the error names ``path``."""
     partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w", newline="") as f:
-        f.write(text)
-    os.replace(partial, path)
+    try:
+        partial.write_text(text, newline="")
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 def _flatten(metrics: dict) -> dict:

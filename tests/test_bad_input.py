@@ -349,6 +349,7 @@ def test_evaluate_out_below_a_regular_file_and_on_a_full_disk(tmp_path, monkeypa
     monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
     assert cli.main([*arguments, "--out", str(tmp_path / "scores")]) == 2
     assert "evaluation.json: No space left on device; the disk is full" in one_line(capsys)
+    assert not any((tmp_path / "scores").iterdir())  # no partial file left behind
 
 
 def corrupt_tiff(path, compression: str):
