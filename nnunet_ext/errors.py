@@ -1,17 +1,20 @@
 """The one exception type the CLI turns into a single ``nnunet-ext: error: ...`` line, and what feeds it.
 
 Besides ``UserError`` (bad input, with its fix), operating-system errors while writing (a read-only folder, a
-full disk, a path below a regular file) become one line too (``os_error_message``), and SIGTERM, which cluster
+full disk, a path below a regular file) become one line too (``os_error_message``; ``replace_text`` writes a file
+whole and names it in such an error), and SIGTERM, which cluster
 schedulers send at a time limit, is raised as ``Terminated`` so that every ``except BaseException`` cleanup
 (the atomic dataset writer's among them) runs as for any other exception.
 """
 
 import errno
 import os
+import secrets
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -44,6 +47,23 @@ def os_error_message(error: OSError) -> str:
     what = error.strerror or " ".join(str(error).split()) or type(error).__name__
     fix = _OS_FIXES.get(error.errno, "check the path and the disk, then run the command again")
     return f"{where}: {what}; {fix}"
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to a new file beside ``path`` and move it over ``path`` (atomic on one file system): readers
+    see the old file or the new one, never a part. On any failure the new file is removed; an OSError names
+    ``path``, so ``os_error_message`` reports the file the user asked for."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")  # one per writer
+    try:
+        partial.write_text(text, newline="")
+        os.replace(partial, path)
+    except BaseException as error:
+        with suppress(OSError):  # it may never have been created (e.g. the folder is not there)
+            partial.unlink()
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
 
 
 def _raise_terminated(signum, frame) -> None:

@@ -11,14 +11,13 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from nnunet_ext.datasets.raw_dataset import check_output_folder
-from nnunet_ext.errors import UserError
+from nnunet_ext.errors import UserError, replace_text
 from nnunet_ext.metrics import (
     betti_errors,
     cldice,
@@ -267,21 +266,9 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
     document = json.dumps(json_ready(results), indent=2) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / "evaluation.json", out_dir / "evaluation.csv"
-    _replace_text(json_path, document)
-    _replace_text(csv_path, table.getvalue())
+    replace_text(json_path, document)
+    replace_text(csv_path, table.getvalue())
     return json_path, csv_path
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` and move it over ``path`` (atomic on one file system); on failure nothing of
-    it remains and the error names ``path``."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_text(text, newline="")
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 def _flatten(metrics: dict) -> dict:

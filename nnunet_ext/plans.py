@@ -5,9 +5,7 @@ A variant keeps every configuration's ``data_identifier``, so it trains on the p
 """
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.errors import UserError
+from nnunet_ext.errors import UserError, replace_text
 from nnunet_ext.nnunet_paths import dataset_folder
 
 # (configuration name, resolved configuration) -> keys to set in that configuration of the variant
@@ -118,14 +116,7 @@ def derive_plans(dataset: str | int, source: str, target: str, edit: Configurati
 
 
 def _write_json_atomically(path: Path, content: dict) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=4, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    replace_text(path, json.dumps(content, indent=4, sort_keys=False))
     return path
 
 

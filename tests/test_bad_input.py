@@ -352,6 +352,29 @@ def test_evaluate_out_below_a_regular_file_and_on_a_full_disk(tmp_path, monkeypa
     assert not any((tmp_path / "scores").iterdir())  # no partial file left behind
 
 
+def test_replace_text_keeps_the_old_file_on_a_failed_write_and_names_it(tmp_path, monkeypatch):
+    from nnunet_ext.errors import os_error_message, replace_text
+
+    target = tmp_path / "result.json"
+    replace_text(target, "old\n")
+    replace_text(target, "new\n")
+    assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+    def full_disk(self, *args, **kwargs):
+        self.open("w").close()  # the partial file exists when the write fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(OSError) as info:
+        replace_text(target, "newer\n")
+    assert os_error_message(info.value).startswith(f"{target}: No space left on device; the disk is full")
+    monkeypatch.undo()
+    assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    with pytest.raises(OSError) as info:  # below a regular file: nothing can be created
+        replace_text(target / "inner.json", "x")
+    assert info.value.filename == str(target / "inner.json")
+
+
 def corrupt_tiff(path, compression: str):
     """A compressed 4-slice stack whose first strip is overwritten with bytes no codec accepts."""
     write_tif(path, np.arange(4 * 32 * 32, dtype=np.uint16).reshape(4, 32, 32), compression=compression)

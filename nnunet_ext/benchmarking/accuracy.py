@@ -51,7 +51,7 @@ from nnunet_ext.benchmarking.recipes import (
     write_sparse_dataset,
 )
 from nnunet_ext.datasets.raw_dataset import check_output_folder
-from nnunet_ext.errors import UserError
+from nnunet_ext.errors import UserError, replace_text
 from nnunet_ext.evaluation import MEAN, evaluate_folder, write_results
 from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR
 from nnunet_ext.plans import ATTENTION_SUFFIX, TINY_PLANS
@@ -261,9 +261,7 @@ class BenchmarkFolder:
         return state
 
     def _save(self, state: dict) -> None:
-        tmp = self.root / f".{SETTINGS_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, self.root / SETTINGS_FILE)
+        replace_text(self.root / SETTINGS_FILE, json.dumps(state, indent=2) + "\n")
 
     @property
     def raw(self) -> Path:
@@ -492,9 +490,7 @@ def _write_json(path: Path, content: dict) -> None:
     from nnunet_ext.evaluation import json_ready
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_ready(content), indent=2) + "\n")
-    os.replace(tmp, path)
+    replace_text(path, json.dumps(json_ready(content), indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- the whole benchmark
