@@ -22,7 +22,7 @@ from nnunet_ext.trainers import CPSCutMixTrainer, CPSCutMixTrainer_cleansup, CPS
 from nnunet_ext.trainers.semi_supervised_base import first_output
 
 pytestmark = pytest.mark.integration
-TRAINER = "CPSCutMixTrainer_exttest"
+TRAINER = "CPSCutMixTrainer_exttest_noval"  # final validation: the ensemble test runs it
 ENSEMBLE = "CPSCutMixTrainer_ensemble_exttest"
 IGNORE = 3  # the synthetic dataset's ignore label
 

@@ -79,7 +79,7 @@ def test_2d_training_pseudolabels_3d_training_and_prediction_through_the_clis(ti
     expected_confidence = np.rint(probabilities.amax(0).numpy() * CONFIDENCE_SCALE)
     assert np.abs(stored[1].astype(int) - expected_confidence).max() <= 1
 
-    trainer = "PseudoLabelWeightedTrainer_exttest"
+    trainer = "PseudoLabelWeightedTrainer_exttest_noval"  # final validation: the dense benchmark test runs it
     cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", env=env)
     fold = next(results.glob(f"Dataset007_*/{trainer}__{PLANS}__3d_fullres/fold_0"))
     log = read_log(fold)

@@ -22,24 +22,16 @@ class TestBudget(TrainingBudgetMixin):
     budget_val_iterations_per_epoch = 1
 
 
-class nnUNetTrainer_exttest(TestBudget, nnUNetTrainer):
-    pass
-
-
-class MeanTeacherContinuityTrainer_exttest(TestBudget, MeanTeacherContinuityTrainer):
-    pass
-
-
-class PseudoLabelWeightedTrainer_exttest(TestBudget, PseudoLabelWeightedTrainer):
-    pass
-
-
 class NoFinalValidation:
-    """For a model that only feeds a later step (e.g. the 2D model of the pseudo-labels): skips nnU-Net's final
-    validation, which spawns worker processes and takes most of a tiny run's time."""
+    """For a run whose final validation no test looks at: skips it (its two spawned worker pools take most of a
+    tiny run's time). The benchmark tests and the ensemble test still run it for every trainer family."""
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("final validation skipped (test trainer)")
+
+
+class nnUNetTrainer_exttest(TestBudget, nnUNetTrainer):
+    pass
 
 
 class nnUNetTrainer_exttest_noval(NoFinalValidation, nnUNetTrainer_exttest):
@@ -50,11 +42,15 @@ class MeanTeacherTrainer_exttest_noval(NoFinalValidation, TestBudget, MeanTeache
     pass
 
 
-class MeanTeacherContinuityTrainer_exttest_noval(NoFinalValidation, MeanTeacherContinuityTrainer_exttest):
+class MeanTeacherContinuityTrainer_exttest_noval(NoFinalValidation, TestBudget, MeanTeacherContinuityTrainer):
     pass
 
 
-class CPSCutMixTrainer_exttest(TestBudget, CPSCutMixTrainer):
+class PseudoLabelWeightedTrainer_exttest_noval(NoFinalValidation, TestBudget, PseudoLabelWeightedTrainer):
+    pass
+
+
+class CPSCutMixTrainer_exttest_noval(NoFinalValidation, TestBudget, CPSCutMixTrainer):
     pass
 
 
