@@ -15,7 +15,7 @@ from nnunet_ext.trainer_in_process import draw_batches
 from nnunet_ext.trainers import MeanTeacherContinuityTrainer, MeanTeacherTrainer
 
 pytestmark = pytest.mark.integration
-TRAINER = "MeanTeacherContinuityTrainer_exttest_noval"  # final validation: the benchmark tests run it
+TRAINER = "MeanTeacherContinuityTrainer_exttest_noval"  # final validation: the dense benchmark test runs MT's
 
 
 def test_names_and_defaults_of_the_paper():
