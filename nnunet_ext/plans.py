@@ -112,11 +112,8 @@ def derive_plans(dataset: str | int, source: str, target: str, edit: Configurati
     with complete_plans(source_file):
         for name in plans["configurations"]:
             derived["configurations"][name].update(edit(name, resolve_configuration(plans, name)))
-    return _write_json_atomically(folder / f"{target}.json", derived)
-
-
-def _write_json_atomically(path: Path, content: dict) -> Path:
-    replace_text(path, json.dumps(content, indent=4, sort_keys=False))
+    path = folder / f"{target}.json"
+    replace_text(path, json.dumps(derived, indent=4))  # nnU-Net's own plans layout (indent 4, keys in order)
     return path
 
 
