@@ -136,6 +136,12 @@ def test_a_pseudo_label_trainer_brings_the_2d_arm_it_learns_from():
                                      "PseudoLabelWeightedTrainer@attention"]
 
 
+def test_the_self_training_trainer_learns_from_stock_3d_fullres_only():
+    settings = BenchmarkSettings(trainers=["PseudoLabelSelfTrainingTrainer"], reference_2d=False)
+    assert settings.trainers == ["nnUNetTrainer", "PseudoLabelSelfTrainingTrainer"]
+    assert settings.configurations == ["3d_fullres"]
+
+
 def test_the_folder_refuses_other_settings_and_foreign_folders(tmp_path):
     BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(epochs=5))
     BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(epochs=5, seeds=[0, 1, 2, 3]))  # more seeds: resumable

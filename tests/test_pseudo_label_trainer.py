@@ -32,6 +32,7 @@ from nnunet_ext.trainer_in_process import draw_batches
 from nnunet_ext.trainers import (
     MeanTeacherContinuityPseudoLabelTrainer_ema99,
     PseudoLabelConfidenceTrainer,
+    PseudoLabelSelfTrainingTrainer,
     PseudoLabelWeightedTrainer,
 )
 
@@ -210,18 +211,25 @@ def test_mean_teacher_on_pseudo_labels_adds_every_term_on_the_student(tiny_datas
     assert any(not torch.equal(a, b) for a, b in zip(teacher_before, trainer.teacher.module.parameters()))
 
 
-def test_missing_pseudo_labels_stop_with_the_command_that_creates_them(in_process, tiny_dataset):
+def test_missing_or_mismatched_pseudo_labels_stop_with_the_command_that_creates_them(in_process, tiny_dataset):
     command = ("nnunet-ext pseudolabels -d Dataset007_SynthMicroscopy --from 2d -tr nnUNetTrainer "
                "-p nnUNetPlans_tiny -f 3 --to 3d_fullres")
     with pytest.raises(RuntimeError, match=f"no pseudo-labels for fold 3 .*create them with `{command}`"):
         in_process(PseudoLabelWeightedTrainer, fold=3)
 
-    # A record without the case files (e.g. another split): stops when the training cases are loaded.
+    # Pseudo-labels from another configuration than the trainer learns from (self-training's, from 3d_fullres).
     folder = pseudo_label_folder(dataset_folder(tiny_dataset.dataset_id), DATA_IDENTIFIER, 4)
     folder.mkdir(parents=True, exist_ok=True)
-    write_record(folder, {"source": {}, "fold": 4, "cases": [], "validation_policy": "test"})
-    trainer = in_process(PseudoLabelWeightedTrainer, fold=4)
-    with pytest.raises(RuntimeError, match="no pseudo-labels for 4 training cases of fold 4 .*-f 4 --to 3d_fullres`"):
+    write_record(folder, {"source": {"configuration": "3d_fullres"}, "fold": 4, "cases": [],
+                          "validation_policy": "test"})
+    with pytest.raises(RuntimeError, match="learns from 2d pseudo-labels, but those in .* come from 3d_fullres: "
+                                           "recreate them with `nnunet-ext pseudolabels .* --from 2d "):
+        in_process(PseudoLabelWeightedTrainer, fold=4)
+
+    # A record without the case files (e.g. another split): stops when the training cases are loaded.
+    trainer = in_process(PseudoLabelSelfTrainingTrainer, fold=4)
+    with pytest.raises(RuntimeError, match="no pseudo-labels for 4 training cases of fold 4 .*--from 3d_fullres "
+                                           "-tr nnUNetTrainer -p nnUNetPlans_tiny -f 4 --to 3d_fullres`"):
         trainer.get_tr_and_val_datasets()
 
 

@@ -22,7 +22,11 @@ from nnunet_ext.trainers.mean_teacher_pseudo_label import (
     MeanTeacherContinuityPseudoLabelTrainer,
     MeanTeacherContinuityPseudoLabelTrainer_ema99,
 )
-from nnunet_ext.trainers.pseudo_label import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
+from nnunet_ext.trainers.pseudo_label import (
+    PseudoLabelConfidenceTrainer,
+    PseudoLabelSelfTrainingTrainer,
+    PseudoLabelWeightedTrainer,
+)
 
 __all__ = [
     "MeanTeacherTrainer",
@@ -44,6 +48,7 @@ __all__ = [
     "MeanTeacherContinuityTrainer_demo",
     "PseudoLabelWeightedTrainer",
     "PseudoLabelConfidenceTrainer",
+    "PseudoLabelSelfTrainingTrainer",
     "MeanTeacherContinuityPseudoLabelTrainer",
     "MeanTeacherContinuityPseudoLabelTrainer_ema99",
 ]

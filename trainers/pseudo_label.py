@@ -47,7 +47,7 @@ class PseudoLabelWeightedTrainer(SemiSupervisedTrainer):
     pseudo_label_weight: float = 0.5  # alpha
     # Multiply each voxel's weight by the source model's confidence in its pseudo-label (PseudoLabelConfidenceTrainer).
     confidence_weighting: bool = False
-    # The configuration whose model creates the pseudo-labels: only used in the command printed when they are missing.
+    # The configuration whose model creates the pseudo-labels: checked against their record, named in the fix command.
     pseudo_label_source: str = "2d"
     ssl_log_keys = ("loss_sup", "loss_pseudo", "pseudo_fraction", "mean_pseudo_weight")
 
@@ -61,6 +61,11 @@ class PseudoLabelWeightedTrainer(SemiSupervisedTrainer):
         if record is None:
             raise RuntimeError(f"{type(self).__name__}: no pseudo-labels for fold {self.fold} in "
                                f"{self.pseudo_label_folder()}: create them with `{self.pseudo_label_fix()}`")
+        source = record.get("source", {}).get("configuration")
+        if source is not None and source != self.pseudo_label_source:  # `pseudolabels --from` another configuration
+            raise RuntimeError(f"{type(self).__name__} learns from {self.pseudo_label_source} pseudo-labels, but those "
+                               f"in {self.pseudo_label_folder()} come from {source}: recreate them with "
+                               f"`{self.pseudo_label_fix()}`")
         self.print_to_log_file(f"pseudo-labels from {record['source']} in {self.pseudo_label_folder()} "
                                f"({record['validation_policy']})")
         self.pseudo_label_loss = self._build_pseudo_label_loss()
@@ -150,3 +155,10 @@ class PseudoLabelConfidenceTrainer(PseudoLabelWeightedTrainer):
 
     pseudo_label_weight: float = 1.0
     confidence_weighting: bool = True
+
+
+class PseudoLabelSelfTrainingTrainer(PseudoLabelWeightedTrainer):
+    """Self-training: the pseudo-labels come from stock 3d_fullres itself (for isotropic data such as FIB-SEM, where
+    3d_fullres beats 2d and a 2D source would hold the 3D network back)."""
+
+    pseudo_label_source: str = "3d_fullres"
