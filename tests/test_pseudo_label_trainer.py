@@ -1,8 +1,9 @@
-"""PseudoLabelWeightedTrainer and `nnunet-ext pseudolabels` inside nnU-Net: the 2D -> 3D workflow through the real
-CLIs, the pseudo-labels' alignment with the labels after nnU-Net's augmentation, and the missing-pseudo-label stop.
+"""PseudoLabelWeightedTrainer and `nnunet-ext pseudolabels` inside nnU-Net: the 2D -> 3D and self-training workflows
+through the real CLIs, the pseudo-labels' alignment with the labels after nnU-Net's augmentation, and the
+missing-pseudo-label stop.
 
-Folds of the shared tiny dataset used here: 0 = the CLI workflow, 2 = dense-ground-truth pseudo-labels (alignment),
-3 and 4 = missing pseudo-labels.
+Folds of the shared tiny dataset used here: 0 = the CLI workflows (the 2D source and self-training, each creating
+its pseudo-labels before training), 2 = dense-ground-truth pseudo-labels (alignment), 3 and 4 = missing pseudo-labels.
 """
 
 import json
@@ -97,6 +98,26 @@ def test_2d_training_pseudolabels_3d_training_and_prediction_through_the_clis(ti
     (prediction,) = out.glob("*.nii.gz")
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
     assert array.shape == TINY_SHAPE and set(np.unique(array)) <= {0, 1, 2}
+
+
+def test_self_training_from_stock_3d_fullres_through_the_clis(tiny_dataset, trained_stock):
+    """Self-training: pseudo-labels from the stock 3d_fullres model, then PseudoLabelSelfTrainingTrainer on them."""
+    env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
+    cli("nnunet-ext", "pseudolabels", "-d", ds, "--from", "3d_fullres", "-tr", trained_stock.trainer, "-p", PLANS,
+        "-f", "0", "--to", "3d_fullres", "-device", "cpu", "--disable-tta", env=env)
+    (dataset,) = (tiny_dataset.root / "nnUNet_preprocessed").glob("Dataset007_*")
+    record = load_record(pseudo_label_folder(dataset, DATA_IDENTIFIER, 0))
+    assert record["source"]["trainer"] == trained_stock.trainer and record["source"]["configuration"] == "3d_fullres"
+
+    trainer = "PseudoLabelSelfTrainingTrainer_exttest_noval"
+    cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", env=env)
+    fold = next((tiny_dataset.root / "nnUNet_results").glob(f"Dataset007_*/{trainer}__{PLANS}__3d_fullres/fold_0"))
+    log = read_log(fold)
+    assert f"pseudo-labels from {{'trainer': '{trained_stock.trainer}'" in log
+    assert "'configuration': '3d_fullres'" in log
+    assert log.count("loss_pseudo ") == 2  # one line per epoch
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["trainer_name"] == trainer and final["current_epoch"] == 2
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from nnunet_ext.trainers import (
     CPSCutMixTrainer_ensemble,
     MeanTeacherContinuityTrainer,
     MeanTeacherTrainer,
+    PseudoLabelSelfTrainingTrainer,
     PseudoLabelWeightedTrainer,
 )
 from nnunet_ext.trainers.budget import TrainingBudgetMixin
@@ -47,6 +48,10 @@ class MeanTeacherContinuityTrainer_exttest_noval(NoFinalValidation, TestBudget, 
 
 
 class PseudoLabelWeightedTrainer_exttest_noval(NoFinalValidation, TestBudget, PseudoLabelWeightedTrainer):
+    pass
+
+
+class PseudoLabelSelfTrainingTrainer_exttest_noval(NoFinalValidation, TestBudget, PseudoLabelSelfTrainingTrainer):
     pass
 
 
