@@ -255,6 +255,10 @@ def test_the_results_table_by_hand(tmp_path):
     # std 0.065; 0 is no win. Unannotated: +0.05, +0.05: mean 0.05, std 0.
     assert "| suggested − random | +0.075 ± 0.065 (wins 3/4) | +0.050 ± 0.000 (wins 2/2) |" in markdown
     assert "test volumes, the same for every arm, is the fair comparison" in markdown
+    # Per seed, test = mean of t0 and t1 / unannotated = c0, in the order start, suggested, even, random.
+    assert "| seed | start | suggested | even | random |" in markdown
+    assert "| 0 | 0.550 / 0.500 | 0.750 / 0.700 | 0.650 / 0.600 | 0.650 / 0.650 |" in markdown
+    assert "| 1 | 0.500 / 0.400 | 0.600 / 0.500 | 0.600 / 0.550 | 0.550 / 0.450 |" in markdown
     assert "| case | slices | start | + suggested | + even | + random |" in markdown
     assert "| a | 12 | 3, 9 | 1, 6 | 6 | 0 |" in markdown and "| b | 12 | 3, 9 | — | 6 | 11 |" in markdown
     assert markdown.count("Seed 0:") == 1 and markdown.count("Seed 1:") == 1

@@ -389,6 +389,21 @@ def _paired_table(results: list[dict], loop: AnnotationLoop) -> list[str]:
     return lines + [""]
 
 
+def _per_seed_table(results: list[dict], settings: BenchmarkSettings) -> list[str]:
+    """Each seed's Dice per arm: shows whether one seed carries the mean difference."""
+    arms = [arm for arm in ARMS if any(r["arm"] == arm for r in results)]
+    lines = ["## Per seed", "", "Dice on the test volumes / on the unannotated slices of the training volumes.", "",
+             "| seed | " + " | ".join(arms) + " |", "|---" * (1 + len(arms)) + "|"]
+    for seed in settings.seeds:
+        runs = {r["arm"]: r for r in results if r["seed"] == seed}
+        if runs:
+            cells = [f"{fmt(metric_of(runs[arm], ('test', 'dice')))} / "
+                     f"{fmt(metric_of(runs[arm], ('train', 'dice_unannotated')))}" if arm in runs else "—"
+                     for arm in arms]
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _indices(slices: Sequence[int]) -> str:
     return ", ".join(map(str, slices)) or "—"
 
@@ -431,7 +446,8 @@ def annotation_markdown(results: list[dict], failures: list[dict], settings: Ben
              f"Dice = mean over foreground classes; mean ± std over seeds; minutes = wall time per run.", "",
              "The arms annotate different slices, so their unannotated-slice Dice is measured on different slice "
              "sets; the Dice on the held-out test volumes, the same for every arm, is the fair comparison.", "",
-             *_arm_table(results), *_paired_table(results, loop), *_slice_tables(results, s)]
+             *_arm_table(results), *_paired_table(results, loop), *_per_seed_table(results, s),
+             *_slice_tables(results, s)]
     if failures:
         lines += ["## Failed runs", ""] + [f"- {f['arm']} seed {f['seed']}: {f['error']}" for f in failures] + [""]
     return "\n".join(lines)
