@@ -389,6 +389,9 @@ def _paired_table(results: list[dict], loop: AnnotationLoop) -> list[str]:
     return lines + [""]
 
 
+PER_SEED_METRICS = [where for column, where, _ in SUMMARY_METRICS if column in ("test_dice", "unannotated_dice")]
+
+
 def _per_seed_table(results: list[dict], settings: BenchmarkSettings) -> list[str]:
     """Each seed's Dice per arm: shows whether one seed carries the mean difference."""
     arms = [arm for arm in ARMS if any(r["arm"] == arm for r in results)]
@@ -397,9 +400,8 @@ def _per_seed_table(results: list[dict], settings: BenchmarkSettings) -> list[st
     for seed in settings.seeds:
         runs = {r["arm"]: r for r in results if r["seed"] == seed}
         if runs:
-            cells = [f"{fmt(metric_of(runs[arm], ('test', 'dice')))} / "
-                     f"{fmt(metric_of(runs[arm], ('train', 'dice_unannotated')))}" if arm in runs else "—"
-                     for arm in arms]
+            cells = [" / ".join(fmt(metric_of(runs[arm], where)) for where in PER_SEED_METRICS) if arm in runs
+                     else "—" for arm in arms]
             lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return lines + [""]
 
