@@ -47,6 +47,7 @@ def test_ablation_variants_change_only_their_hypothesis():
         MeanTeacherTrainer_ema99,
         MeanTeacherTrainer_ema99_cleansup,
         MeanTeacherTrainer_ema99_fixed,
+        MeanTeacherTrainer_ema99_fixed_nossl,
         MeanTeacherTrainer_ema99_lambda1,
         MeanTeacherTrainer_ema99_nossl,
         MeanTeacherTrainer_ema99_rawconf,
@@ -59,6 +60,7 @@ def test_ablation_variants_change_only_their_hypothesis():
             (MeanTeacherTrainer_ema99_rawconf, MeanTeacherTrainer_ema99, {"confidence_temperature": 1.0}),
             (MeanTeacherTrainer_ema99_cleansup, MeanTeacherTrainer_ema99, {"perturbed_network": "teacher"}),
             (MeanTeacherTrainer_ema99_fixed, MeanTeacherTrainer_ema99, fixed),
+            (MeanTeacherTrainer_ema99_fixed_nossl, MeanTeacherTrainer_ema99_fixed, {"consistency_weight": 0.0}),
             (MeanTeacherContinuityTrainer_ema99_fixed, MeanTeacherContinuityTrainer_ema99,
              {**fixed, "continuity_weight": 1.0})]:
         assert variant.__bases__ == (base,)

@@ -43,3 +43,10 @@ class MeanTeacherContinuityTrainer_ema99_fixed(MeanTeacherContinuityTrainer_ema9
     continuity_weight = 1.0
     confidence_temperature = 1.0
     perturbed_network = "teacher"
+
+
+class MeanTeacherTrainer_ema99_fixed_nossl(MeanTeacherTrainer_ema99_fixed):
+    """Control for _fixed: random-voxel patches and the EMA teacher predicting, the student on stock's batch, no SSL
+    loss (stock's supervised step otherwise), so a gap to stock is the machinery's, not the loss terms'."""
+
+    consistency_weight = 0.0
