@@ -1,6 +1,7 @@
 """2D -> 3D pseudo-labels (Castelli et al., 2D+3D training on sparse annotations), stored beside nnU-Net's data.
 
-A model of one configuration (the 2D network, ``2d``) predicts the training cases of a fold through nnU-Net's
+A model of one configuration (the 2D network, ``2d``), or the mean of several (``2d+3d_fullres``: the 2D and 3D
+networks' ensemble, averaged as ``nnUNetv2_ensemble`` does), predicts the training cases of a fold through nnU-Net's
 predictor; its probabilities, which come back in the original image geometry, are brought into the preprocessed
 geometry of another configuration (``3d_fullres``) exactly as nnU-Net's preprocessor moves the images (transpose,
 crop to the stored bounding box, resample to the configuration's spacing). Per case one uint8 blosc2 array
@@ -58,6 +59,15 @@ def parse_fold(fold) -> int | str:
         return int(fold)
     except (TypeError, ValueError):
         raise UserError(f"invalid fold {fold!r}: give an integer (0-4 for nnU-Net's 5-fold split) or 'all'") from None
+
+
+def source_configurations(source: str) -> list[str]:
+    """The configurations of a pseudo-label source: ``2d`` -> [2d], ``2d+3d_fullres`` -> [2d, 3d_fullres]."""
+    configurations = source.split("+")
+    if not all(configurations) or len(set(configurations)) != len(configurations):
+        raise UserError(f"invalid --from {source!r}: give a configuration (e.g. 2d) or distinct configurations "
+                        f"joined by + (e.g. 2d+3d_fullres) whose models' mean probability makes the pseudo-labels")
+    return configurations
 
 
 def pseudo_label_folder(preprocessed_dataset_folder: str | Path, data_identifier: str, fold: int | str) -> Path:
@@ -252,7 +262,8 @@ def create_pseudolabels(dataset: str | int, from_configuration: str = "2d", to_c
     Args:
         dataset: dataset id or name (preprocessed for ``to_configuration``, raw images in $nnUNet_raw).
         from_configuration, trainer, plans, fold, checkpoint: the source model
-            ``$nnUNet_results/Dataset/<trainer>__<plans>__<from_configuration>/fold_<fold>/<checkpoint>``.
+            ``$nnUNet_results/Dataset/<trainer>__<plans>__<from_configuration>/fold_<fold>/<checkpoint>``;
+            configurations joined by ``+`` (``2d+3d_fullres``) average the probabilities of their models.
         to_configuration: the configuration of ``plans`` whose preprocessed geometry the pseudo-labels follow.
         device: ``cuda``, ``cpu`` or ``mps``, as for ``nnUNetv2_predict``.
         use_mirroring: nnU-Net's mirroring test-time augmentation.
@@ -294,12 +305,15 @@ def create_pseudolabels(dataset: str | int, from_configuration: str = "2d", to_c
         raise UserError(f"{data_folder} does not exist: run `nnUNetv2_preprocess -d {dataset_name} -c "
                         f"{to_configuration} -plans_name {plans}` first")
 
-    model_folder = (require_folder("nnUNet_results") / dataset_name /
-                    convert_trainer_plans_config_to_identifier(trainer, plans, from_configuration))
-    checkpoint_file = model_folder / f"fold_{fold}" / checkpoint
-    if not checkpoint_file.is_file():
-        raise UserError(f"no source model at {checkpoint_file}: train it with `nnUNetv2_train {dataset_name} "
-                        f"{from_configuration} {fold} -tr {trainer} -p {plans}` (or pass -tr/-p/-f/--checkpoint)")
+    checkpoints = {}  # configuration -> the checkpoint file of its source model
+    for configuration in source_configurations(from_configuration):
+        model_folder = (require_folder("nnUNet_results") / dataset_name /
+                        convert_trainer_plans_config_to_identifier(trainer, plans, configuration))
+        checkpoints[configuration] = model_folder / f"fold_{fold}" / checkpoint
+        if not checkpoints[configuration].is_file():
+            raise UserError(f"no source model at {checkpoints[configuration]}: train it with `nnUNetv2_train "
+                            f"{dataset_name} {configuration} {fold} -tr {trainer} -p {plans}` (or pass "
+                            f"-tr/-p/-f/--checkpoint)")
 
     dataset_class = infer_dataset_class(str(data_folder))
     identifiers = dataset_class.get_identifiers(str(data_folder))
@@ -311,9 +325,12 @@ def create_pseudolabels(dataset: str | int, from_configuration: str = "2d", to_c
         raise UserError(f"raw images of {', '.join(absent[:3])} not found in the raw dataset {dataset_name}: "
                         f"the raw and preprocessed datasets must be the same")
 
-    predictor = nnUNetPredictor(use_mirroring=use_mirroring, device=torch_device(device), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_folder), (fold,), checkpoint)
-    reader = predictor.plans_manager.image_reader_writer_class()
+    predictors = []
+    for checkpoint_file in checkpoints.values():
+        predictor = nnUNetPredictor(use_mirroring=use_mirroring, device=torch_device(device), allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(checkpoint_file.parent.parent), (fold,), checkpoint)
+        predictors.append(predictor)
+    reader = predictors[0].plans_manager.image_reader_writer_class()
 
     target = pseudo_label_folder(preprocessed, configuration_manager.data_identifier, fold)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -322,8 +339,10 @@ def create_pseudolabels(dataset: str | int, from_configuration: str = "2d", to_c
     try:
         for n, case in enumerate(train_cases, 1):
             image, image_properties = reader.read_images(raw_files[case]["images"])
-            _, probabilities = predictor.predict_single_npy_array(image, image_properties,
-                                                                  save_or_return_probabilities=True)
+            # Each model returns its probabilities in the original image geometry, so they average voxel by voxel.
+            probabilities = np.mean([p.predict_single_npy_array(image, image_properties,
+                                                                save_or_return_probabilities=True)[1]
+                                     for p in predictors], axis=0)
             properties = load_pickle(str(data_folder / f"{case}.pkl"))
             try:
                 array = pseudo_label_array(to_preprocessed_geometry(probabilities, properties, plans_manager,
@@ -339,9 +358,10 @@ def create_pseudolabels(dataset: str | int, from_configuration: str = "2d", to_c
             progress(f"[{n}/{len(train_cases)}] {case}: pseudo-labels {array.shape[1:]}")
         write_record(tmp, {
             "method": "2D -> 3D pseudo-labels (Castelli et al.)",
-            "source": {"trainer": trainer, "plans": predictor.plans_manager.plans_name,
-                       "configuration": from_configuration, "fold": fold, "checkpoint": str(checkpoint_file),
-                       "checkpoint_sha256": _sha256(checkpoint_file), "use_mirroring": use_mirroring},
+            "source": {"trainer": trainer, "plans": predictors[0].plans_manager.plans_name,
+                       "configuration": from_configuration, "fold": fold, "use_mirroring": use_mirroring,
+                       "models": [{"configuration": configuration, "checkpoint": str(file),
+                                   "checkpoint_sha256": _sha256(file)} for configuration, file in checkpoints.items()]},
             "target": {"plans": plans, "configuration": to_configuration,
                        "data_identifier": configuration_manager.data_identifier},
             "fold": fold,
@@ -375,7 +395,8 @@ def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("pseudolabels", help=summary, description=summary)
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or name")
     parser.add_argument("--from", dest="from_configuration", default="2d",
-                        help="configuration of the model that predicts (default 2d)")
+                        help="configuration of the model that predicts (default 2d); several joined by + "
+                             "(2d+3d_fullres) average their models' probabilities")
     parser.add_argument("--to", dest="to_configuration", default="3d_fullres",
                         help="configuration whose preprocessed data the pseudo-labels follow (default 3d_fullres)")
     parser.add_argument("-tr", "--trainer", default="nnUNetTrainer",

@@ -142,6 +142,12 @@ def test_the_self_training_trainer_learns_from_stock_3d_fullres_only():
     assert settings.configurations == ["3d_fullres"]
 
 
+def test_the_ensemble_trainer_brings_both_stock_arms_it_learns_from():
+    settings = BenchmarkSettings(trainers=["PseudoLabelEnsembleTrainer"], reference_2d=False)
+    assert settings.trainers == ["nnUNetTrainer", "nnUNetTrainer@2d", "PseudoLabelEnsembleTrainer"]
+    assert settings.configurations == ["3d_fullres", "2d"]
+
+
 def test_the_folder_refuses_other_settings_and_foreign_folders(tmp_path):
     BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(epochs=5))
     BenchmarkFolder(tmp_path / "bench", BenchmarkSettings(epochs=5, seeds=[0, 1, 2, 3]))  # more seeds: resumable

@@ -2,10 +2,11 @@
 through the real CLIs, the pseudo-labels' alignment with the labels after nnU-Net's augmentation, and the
 missing-pseudo-label stop.
 
-Folds of the shared tiny dataset used here: 0 = the CLI workflows (the 2D source and self-training, each creating
-its pseudo-labels before training), 2 = dense-ground-truth pseudo-labels (alignment), 3 and 4 = missing pseudo-labels.
+Folds of the shared tiny dataset used here: 0 = the CLI workflows (the 2D source, self-training and the 2D + 3D
+ensemble, each creating its pseudo-labels before training), 2 = dense-ground-truth pseudo-labels (alignment), 3 and 4 = missing pseudo-labels.
 """
 
+import hashlib
 import json
 
 import blosc2
@@ -33,6 +34,7 @@ from nnunet_ext.trainer_in_process import draw_batches
 from nnunet_ext.trainers import (
     MeanTeacherContinuityPseudoLabelTrainer_ema99,
     PseudoLabelConfidenceTrainer,
+    PseudoLabelEnsembleTrainer,
     PseudoLabelSelfTrainingTrainer,
     PseudoLabelWeightedTrainer,
 )
@@ -48,12 +50,27 @@ def read_log(fold_folder) -> str:
     return "\n".join(p.read_text() for p in sorted(fold_folder.glob("training_log_*.txt")))
 
 
-def test_2d_training_pseudolabels_3d_training_and_prediction_through_the_clis(tiny_dataset, monkeypatch):
+@pytest.fixture(scope="module")
+def trained_2d(tiny_dataset) -> str:
+    """The 2D source model of fold 0 (test budget), preprocessed and trained through the real CLIs; its trainer."""
+    ds = str(tiny_dataset.dataset_id)
+    cli("nnUNetv2_preprocess", "-d", ds, "-c", "2d", "-np", "1", env=tiny_dataset.env)
+    cli("nnUNetv2_train", ds, "2d", "0", "-tr", MODEL_2D, "-p", PLANS, "-device", "cpu", env=train_env(tiny_dataset.env))
+    return MODEL_2D
+
+
+def softmax_on_preprocessed(results, dataset, configuration: str, data: np.ndarray) -> torch.Tensor:
+    """A fold-0 model's class probabilities for a preprocessed case, no mirroring (what `--disable-tta` predicts)."""
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(results / dataset.name / f"{MODEL_2D}__{PLANS}__{configuration}"),
+                                                   (0,))
+    return torch.softmax(predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float(), 0)
+
+
+def test_2d_training_pseudolabels_3d_training_and_prediction_through_the_clis(tiny_dataset, trained_2d, monkeypatch):
     env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
     results = tiny_dataset.root / "nnUNet_results"
     preprocessed = tiny_dataset.root / "nnUNet_preprocessed"
-    cli("nnUNetv2_preprocess", "-d", ds, "-c", "2d", "-np", "1", env=tiny_dataset.env)
-    cli("nnUNetv2_train", ds, "2d", "0", "-tr", MODEL_2D, "-p", PLANS, "-device", "cpu", env=env)
 
     run = cli("nnunet-ext", "pseudolabels", "-d", ds, "--from", "2d", "-tr", MODEL_2D, "-p", PLANS, "-f", "0",
               "--to", "3d_fullres", "-device", "cpu", "--disable-tta", env=env)
@@ -70,12 +87,9 @@ def test_2d_training_pseudolabels_3d_training_and_prediction_through_the_clis(ti
     # Here 2d and 3d_fullres share their preprocessed geometry, so the pseudo-labels must be the 2D model's own
     # prediction on the 3d_fullres preprocessed data: the round trip through the original geometry is exact.
     monkeypatch.setenv("nnUNet_extTrainer", tiny_dataset.env["nnUNet_extTrainer"])  # to rebuild the 2D trainer
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(
-        str(results / dataset.name / f"{MODEL_2D}__{PLANS}__2d"), (0,))
     case = split["train"][0]
     data = blosc2.open(urlpath=str(dataset / DATA_IDENTIFIER / f"{case}.b2nd"), mode="r")[:]
-    probabilities = torch.softmax(predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float(), 0)
+    probabilities = softmax_on_preprocessed(results, dataset, "2d", data)
     stored = blosc2.open(urlpath=str(folder / f"{case}.b2nd"), mode="r")[:]
     assert np.array_equal(stored[0], probabilities.argmax(0).numpy())
     expected_confidence = np.rint(probabilities.amax(0).numpy() * CONFIDENCE_SCALE)
@@ -116,6 +130,45 @@ def test_self_training_from_stock_3d_fullres_through_the_clis(tiny_dataset, trai
     assert f"pseudo-labels from {{'trainer': '{trained_stock.trainer}'" in log
     assert "'configuration': '3d_fullres'" in log
     assert log.count("loss_pseudo ") == 2  # one line per epoch
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["trainer_name"] == trainer and final["current_epoch"] == 2
+
+
+def test_ensemble_pseudolabels_are_the_mean_of_stock_2d_and_3d_fullres_through_the_clis(tiny_dataset, trained_2d,
+                                                                                       trained_stock, monkeypatch):
+    """`--from 2d+3d_fullres` averages both models' probabilities; PseudoLabelEnsembleTrainer trains on them."""
+    env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
+    results = tiny_dataset.root / "nnUNet_results"
+    assert trained_stock.trainer == trained_2d  # `-tr` names one trainer for both configurations
+    cli("nnunet-ext", "pseudolabels", "-d", ds, "--from", "2d+3d_fullres", "-tr", trained_2d, "-p", PLANS, "-f", "0",
+        "--to", "3d_fullres", "-device", "cpu", "--disable-tta", env=env)
+    (dataset,) = (tiny_dataset.root / "nnUNet_preprocessed").glob("Dataset007_*")
+    folder = pseudo_label_folder(dataset, DATA_IDENTIFIER, 0)
+    source = load_record(folder)["source"]
+    assert source["configuration"] == "2d+3d_fullres"
+    assert [m["configuration"] for m in source["models"]] == ["2d", "3d_fullres"]
+    stock_checkpoint = trained_stock.fold / "checkpoint_final.pth"
+    assert source["models"][1] == {"configuration": "3d_fullres", "checkpoint": str(stock_checkpoint),
+                                   "checkpoint_sha256": hashlib.sha256(stock_checkpoint.read_bytes()).hexdigest()}
+
+    # 2d and 3d_fullres share their preprocessed geometry here: the stored labels are the argmax of the mean of the
+    # two models' own predictions, their confidence that mean's maximum.
+    monkeypatch.setenv("nnUNet_extTrainer", tiny_dataset.env["nnUNet_extTrainer"])
+    case = json.loads((dataset / "splits_final.json").read_text())[0]["train"][0]
+    data = blosc2.open(urlpath=str(dataset / DATA_IDENTIFIER / f"{case}.b2nd"), mode="r")[:]
+    each = [softmax_on_preprocessed(results, dataset, c, data) for c in ("2d", "3d_fullres")]
+    mean = (each[0] + each[1]) / 2
+    stored = blosc2.open(urlpath=str(folder / f"{case}.b2nd"), mode="r")[:]
+    assert np.array_equal(stored[0], mean.argmax(0).numpy())
+    assert np.abs(stored[1].astype(int) - np.rint(mean.amax(0).numpy() * CONFIDENCE_SCALE)).max() <= 1
+    for single in each:  # neither model alone: its confidence is off by more than rounding somewhere
+        assert np.abs(stored[1].astype(int) - np.rint(single.amax(0).numpy() * CONFIDENCE_SCALE)).max() > 1
+
+    trainer = "PseudoLabelEnsembleTrainer_exttest_noval"
+    cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", env=env)
+    fold = next(results.glob(f"Dataset007_*/{trainer}__{PLANS}__3d_fullres/fold_0"))
+    log = read_log(fold)
+    assert "'configuration': '2d+3d_fullres'" in log and log.count("loss_pseudo ") == 2  # one line per epoch
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["trainer_name"] == trainer and final["current_epoch"] == 2
 
@@ -246,6 +299,9 @@ def test_missing_or_mismatched_pseudo_labels_stop_with_the_command_that_creates_
     with pytest.raises(RuntimeError, match="learns from 2d pseudo-labels, but those in .* come from 3d_fullres: "
                                            "recreate them with `nnunet-ext pseudolabels .* --from 2d "):
         in_process(PseudoLabelWeightedTrainer, fold=4)
+    with pytest.raises(RuntimeError, match="learns from 2d\\+3d_fullres pseudo-labels, .* come from 3d_fullres: "
+                                           "recreate them with `nnunet-ext pseudolabels .* --from 2d\\+3d_fullres "):
+        in_process(PseudoLabelEnsembleTrainer, fold=4)
 
     # A record without the case files (e.g. another split): stops when the training cases are loaded.
     trainer = in_process(PseudoLabelSelfTrainingTrainer, fold=4)
@@ -271,6 +327,7 @@ def test_pseudolabels_bad_input_is_one_error_line(tiny_dataset, monkeypatch, cap
         monkeypatch.setenv(key, value)
     for args, fragment in [(["-f", "x"], "invalid fold 'x'"),
                            (["--to", "3d_lowres"], "configuration '3d_lowres' is not in nnUNetPlans_tiny.json"),
-                           (["-p", "NoPlans"], "plans 'NoPlans' not found")]:
+                           (["-p", "NoPlans"], "plans 'NoPlans' not found"),
+                           (["--from", "2d+2d"], "invalid --from '2d+2d': give a configuration")]:
         assert main(["pseudolabels", "-d", str(tiny_dataset.dataset_id), "-p", PLANS, *args]) == 2
         assert fragment in capsys.readouterr().err

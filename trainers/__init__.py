@@ -25,6 +25,7 @@ from nnunet_ext.trainers.mean_teacher_pseudo_label import (
 )
 from nnunet_ext.trainers.pseudo_label import (
     PseudoLabelConfidenceTrainer,
+    PseudoLabelEnsembleTrainer,
     PseudoLabelSelfTrainingTrainer,
     PseudoLabelWeightedTrainer,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "PseudoLabelWeightedTrainer",
     "PseudoLabelConfidenceTrainer",
     "PseudoLabelSelfTrainingTrainer",
+    "PseudoLabelEnsembleTrainer",
     "MeanTeacherContinuityPseudoLabelTrainer",
     "MeanTeacherContinuityPseudoLabelTrainer_ema99",
 ]

@@ -162,3 +162,11 @@ class PseudoLabelSelfTrainingTrainer(PseudoLabelWeightedTrainer):
     3d_fullres beats 2d and a 2D source would hold the 3D network back)."""
 
     pseudo_label_source: str = "3d_fullres"
+
+
+class PseudoLabelEnsembleTrainer(PseudoLabelWeightedTrainer):
+    """The pseudo-labels come from the ensemble of stock 2d and stock 3d_fullres (their mean probability), so no
+    choice of source configuration is needed: 2d is the better stock on anisotropic stacks, 3d_fullres on isotropic
+    data."""
+
+    pseudo_label_source: str = "2d+3d_fullres"

@@ -161,8 +161,9 @@ class BenchmarkSettings:
 
     def _with_prerequisites(self, arms: list[str]) -> list[str]:
         """``arms`` checked and canonical, without repeats, each with the stock arms it is compared with or needs:
-        stock on its plans (the paired reference), and for a pseudo-label trainer the stock arm it learns from."""
+        stock on its plans (the paired reference), and for a pseudo-label trainer the stock arms it learns from."""
         from nnunet_ext.benchmarking.speed import find_trainer_class
+        from nnunet_ext.pseudo_label_generation import source_configurations
         from nnunet_ext.trainers.pseudo_label import PseudoLabelWeightedTrainer
 
         ordered = []
@@ -172,7 +173,8 @@ class BenchmarkSettings:
             trainer_class = find_trainer_class(arm.trainer, search_ext_folders=False)
             needed = [Arm(REFERENCE, self.configuration, arm.plans)]
             if issubclass(trainer_class, PseudoLabelWeightedTrainer):
-                needed.append(Arm(REFERENCE, trainer_class.pseudo_label_source, arm.plans))
+                needed += [Arm(REFERENCE, configuration, arm.plans)
+                           for configuration in source_configurations(trainer_class.pseudo_label_source)]
             for name in map(self.arm_name, needed + [arm]):
                 if name not in ordered:
                     ordered.append(name)
@@ -422,7 +424,7 @@ def _dataset_id(raw: Path) -> str:
 
 
 def ensure_pseudolabels(folder: BenchmarkFolder, raw: Path, arm: str, seed: int, log: Path) -> None:
-    """Pseudo-labels for a pseudo-label arm, from the stock arm of its source configuration (trained before it)."""
+    """Pseudo-labels for a pseudo-label arm, from the stock arms of its source configurations (trained before it)."""
     from nnunet_ext.benchmarking.speed import find_trainer_class
     from nnunet_ext.trainers.pseudo_label import PseudoLabelWeightedTrainer
 
@@ -431,9 +433,8 @@ def ensure_pseudolabels(folder: BenchmarkFolder, raw: Path, arm: str, seed: int,
     trainer_class = find_trainer_class(trainer, search_ext_folders=False)
     if not issubclass(trainer_class, PseudoLabelWeightedTrainer):
         return
-    source = f"{REFERENCE}@{trainer_class.pseudo_label_source}"
     run_logged(f"pseudolabels {arm}", [sys.executable, "-m", "nnunet_ext.cli", "pseudolabels", "-d", _dataset_id(raw),
-                                       "--from", trainer_class.pseudo_label_source, "-tr", s.bench_name(source),
+                                       "--from", trainer_class.pseudo_label_source, "-tr", s.bench_name(REFERENCE),
                                        "-p", s.arm_plans(arm), "-f", FOLD, "--to", configuration,
                                        "-device", s.device], folder.seed_environment(seed), log, leave=False)
 

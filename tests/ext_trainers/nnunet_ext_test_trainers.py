@@ -11,6 +11,7 @@ from nnunet_ext.trainers import (
     CPSCutMixTrainer_ensemble,
     MeanTeacherContinuityTrainer,
     MeanTeacherTrainer,
+    PseudoLabelEnsembleTrainer,
     PseudoLabelSelfTrainingTrainer,
     PseudoLabelWeightedTrainer,
 )
@@ -52,6 +53,10 @@ class PseudoLabelWeightedTrainer_exttest_noval(NoFinalValidation, TestBudget, Ps
 
 
 class PseudoLabelSelfTrainingTrainer_exttest_noval(NoFinalValidation, TestBudget, PseudoLabelSelfTrainingTrainer):
+    pass
+
+
+class PseudoLabelEnsembleTrainer_exttest_noval(NoFinalValidation, TestBudget, PseudoLabelEnsembleTrainer):
     pass
 
 
