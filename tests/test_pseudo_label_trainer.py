@@ -3,7 +3,8 @@ through the real CLIs, the pseudo-labels' alignment with the labels after nnU-Ne
 missing-pseudo-label stop.
 
 Folds of the shared tiny dataset used here: 0 = the CLI workflows (the 2D source, self-training and the 2D + 3D
-ensemble, each creating its pseudo-labels before training), 2 = dense-ground-truth pseudo-labels (alignment), 3 and 4 = missing pseudo-labels.
+ensemble, each creating its pseudo-labels before training), 2 = dense-ground-truth pseudo-labels (alignment), 3 and
+4 = missing pseudo-labels.
 """
 
 import hashlib
