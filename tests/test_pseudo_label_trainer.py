@@ -56,15 +56,16 @@ def trained_2d(tiny_dataset) -> str:
     """The 2D source model of fold 0 (test budget), preprocessed and trained through the real CLIs; its trainer."""
     ds = str(tiny_dataset.dataset_id)
     cli("nnUNetv2_preprocess", "-d", ds, "-c", "2d", "-np", "1", env=tiny_dataset.env)
-    cli("nnUNetv2_train", ds, "2d", "0", "-tr", MODEL_2D, "-p", PLANS, "-device", "cpu", env=train_env(tiny_dataset.env))
+    cli("nnUNetv2_train", ds, "2d", "0", "-tr", MODEL_2D, "-p", PLANS, "-device", "cpu",
+        env=train_env(tiny_dataset.env))
     return MODEL_2D
 
 
 def softmax_on_preprocessed(results, dataset, configuration: str, data: np.ndarray) -> torch.Tensor:
     """A fold-0 model's class probabilities for a preprocessed case, no mirroring (what `--disable-tta` predicts)."""
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(results / dataset.name / f"{MODEL_2D}__{PLANS}__{configuration}"),
-                                                   (0,))
+    model_folder = results / dataset.name / f"{MODEL_2D}__{PLANS}__{configuration}"
+    predictor.initialize_from_trained_model_folder(str(model_folder), (0,))
     return torch.softmax(predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float(), 0)
 
 
