@@ -236,6 +236,17 @@ class PseudoLabelDataset:
 
 # ---- the command
 
+def mean_probabilities(predictors, image: np.ndarray, image_properties: dict) -> np.ndarray:
+    """The predictors' mean class probabilities of one image, in its original geometry (where each model returns
+    them, so they average voxel by voxel); summed in place, so a second model costs one volume more, not a stack."""
+    total = predictors[0].predict_single_npy_array(image, image_properties, save_or_return_probabilities=True)[1]
+    for predictor in predictors[1:]:
+        total += predictor.predict_single_npy_array(image, image_properties, save_or_return_probabilities=True)[1]
+    if len(predictors) > 1:
+        total /= len(predictors)
+    return total
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -305,10 +316,10 @@ def create_pseudolabels(dataset: str | int, from_configuration: str = "2d", to_c
         raise UserError(f"{data_folder} does not exist: run `nnUNetv2_preprocess -d {dataset_name} -c "
                         f"{to_configuration} -plans_name {plans}` first")
 
+    results = require_folder("nnUNet_results") / dataset_name
     checkpoints = {}  # configuration -> the checkpoint file of its source model
     for configuration in source_configurations(from_configuration):
-        model_folder = (require_folder("nnUNet_results") / dataset_name /
-                        convert_trainer_plans_config_to_identifier(trainer, plans, configuration))
+        model_folder = results / convert_trainer_plans_config_to_identifier(trainer, plans, configuration)
         checkpoints[configuration] = model_folder / f"fold_{fold}" / checkpoint
         if not checkpoints[configuration].is_file():
             raise UserError(f"no source model at {checkpoints[configuration]}: train it with `nnUNetv2_train "
@@ -339,10 +350,7 @@ def create_pseudolabels(dataset: str | int, from_configuration: str = "2d", to_c
     try:
         for n, case in enumerate(train_cases, 1):
             image, image_properties = reader.read_images(raw_files[case]["images"])
-            # Each model returns its probabilities in the original image geometry, so they average voxel by voxel.
-            probabilities = np.mean([p.predict_single_npy_array(image, image_properties,
-                                                                save_or_return_probabilities=True)[1]
-                                     for p in predictors], axis=0)
+            probabilities = mean_probabilities(predictors, image, image_properties)
             properties = load_pickle(str(data_folder / f"{case}.pkl"))
             try:
                 array = pseudo_label_array(to_preprocessed_geometry(probabilities, properties, plans_manager,
