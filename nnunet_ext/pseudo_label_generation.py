@@ -70,6 +70,15 @@ def source_configurations(source: str) -> list[str]:
     return configurations
 
 
+def source_description(source: str, to_configuration: str) -> str:
+    """What a pseudo-label record's "method" says: which models' predictions became labels of which configuration."""
+    configurations = source_configurations(source)
+    models = (f"the mean probability of {' and '.join(configurations)}" if len(configurations) > 1
+              else configurations[0])
+    kind = "self-training" if configurations == [to_configuration] else "pseudo-labels"
+    return f"{kind}: {models} -> {to_configuration}"
+
+
 def pseudo_label_folder(preprocessed_dataset_folder: str | Path, data_identifier: str, fold: int | str) -> Path:
     """Where the pseudo-labels of one fold live for a configuration's preprocessed data (``data_identifier``)."""
     return Path(preprocessed_dataset_folder) / f"{data_identifier}_pseudolabels" / f"fold_{fold}"
@@ -365,7 +374,7 @@ def create_pseudolabels(dataset: str | int, from_configuration: str = "2d", to_c
             save_pseudo_labels(array, tmp, case, configuration_manager.patch_size)
             progress(f"[{n}/{len(train_cases)}] {case}: pseudo-labels {array.shape[1:]}")
         write_record(tmp, {
-            "method": "2D -> 3D pseudo-labels (Castelli et al.)",
+            "method": source_description(from_configuration, to_configuration),
             "source": {"trainer": trainer, "plans": predictors[0].plans_manager.plans_name,
                        "configuration": from_configuration, "fold": fold, "use_mirroring": use_mirroring,
                        "models": [{"configuration": configuration, "checkpoint": str(file),

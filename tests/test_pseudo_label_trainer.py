@@ -83,6 +83,7 @@ def test_2d_training_pseudolabels_3d_training_and_prediction_through_the_clis(ti
     assert record["cases"] == split["train"] and record["excluded_validation_cases"] == split["val"]
     assert record["source"]["trainer"] == MODEL_2D and record["source"]["configuration"] == "2d"
     assert record["source"]["fold"] == 0 and record["target"]["data_identifier"] == DATA_IDENTIFIER
+    assert record["method"] == "pseudo-labels: 2d -> 3d_fullres"
     assert sorted(p.stem for p in folder.glob("*.b2nd")) == split["train"]  # validation cases excluded
     assert f"validation cases excluded: {split['val'][0]}" in run.stdout
 
@@ -124,6 +125,7 @@ def test_self_training_from_stock_3d_fullres_through_the_clis(tiny_dataset, trai
     (dataset,) = (tiny_dataset.root / "nnUNet_preprocessed").glob("Dataset007_*")
     record = load_record(pseudo_label_folder(dataset, DATA_IDENTIFIER, 0))
     assert record["source"]["trainer"] == trained_stock.trainer and record["source"]["configuration"] == "3d_fullres"
+    assert record["method"] == "self-training: 3d_fullres -> 3d_fullres"
 
     trainer = "PseudoLabelSelfTrainingTrainer_exttest_noval"
     cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", env=env)
@@ -146,7 +148,9 @@ def test_ensemble_pseudolabels_are_the_mean_of_stock_2d_and_3d_fullres_through_t
         "--to", "3d_fullres", "-device", "cpu", "--disable-tta", env=env)
     (dataset,) = (tiny_dataset.root / "nnUNet_preprocessed").glob("Dataset007_*")
     folder = pseudo_label_folder(dataset, DATA_IDENTIFIER, 0)
-    source = load_record(folder)["source"]
+    record = load_record(folder)
+    source = record["source"]
+    assert record["method"] == "pseudo-labels: the mean probability of 2d and 3d_fullres -> 3d_fullres"
     assert source["configuration"] == "2d+3d_fullres"
     assert [m["configuration"] for m in source["models"]] == ["2d", "3d_fullres"]
     stock_checkpoint = trained_stock.fold / "checkpoint_final.pth"
