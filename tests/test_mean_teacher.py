@@ -44,6 +44,7 @@ def test_ablation_variants_change_only_their_hypothesis():
     from nnunet_ext.trainers import (
         MeanTeacherContinuityTrainer_ema99,
         MeanTeacherContinuityTrainer_ema99_fixed,
+        MeanTeacherContinuityTrainer_ema99_fixed_nocons,
         MeanTeacherTrainer_ema99,
         MeanTeacherTrainer_ema99_cleansup,
         MeanTeacherTrainer_ema99_fixed,
@@ -62,7 +63,9 @@ def test_ablation_variants_change_only_their_hypothesis():
             (MeanTeacherTrainer_ema99_fixed, MeanTeacherTrainer_ema99, fixed),
             (MeanTeacherTrainer_ema99_fixed_nossl, MeanTeacherTrainer_ema99_fixed, {"consistency_weight": 0.0}),
             (MeanTeacherContinuityTrainer_ema99_fixed, MeanTeacherContinuityTrainer_ema99,
-             {**fixed, "continuity_weight": 1.0})]:
+             {**fixed, "continuity_weight": 1.0}),
+            (MeanTeacherContinuityTrainer_ema99_fixed_nocons, MeanTeacherContinuityTrainer_ema99_fixed,
+             {"consistency_weight": 0.0})]:
         assert variant.__bases__ == (base,)
         assert {k: v for k, v in vars(variant).items() if not k.startswith("__")} == changes
 

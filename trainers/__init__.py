@@ -12,6 +12,7 @@ from nnunet_ext.trainers.mean_teacher import (
 )
 from nnunet_ext.trainers.mean_teacher_ablation import (
     MeanTeacherContinuityTrainer_ema99_fixed,
+    MeanTeacherContinuityTrainer_ema99_fixed_nocons,
     MeanTeacherTrainer_ema99_cleansup,
     MeanTeacherTrainer_ema99_fixed,
     MeanTeacherTrainer_ema99_fixed_nossl,
@@ -44,6 +45,7 @@ __all__ = [
     "MeanTeacherTrainer_ema99_fixed",
     "MeanTeacherTrainer_ema99_fixed_nossl",
     "MeanTeacherContinuityTrainer_ema99_fixed",
+    "MeanTeacherContinuityTrainer_ema99_fixed_nocons",
     "CPSCutMixTrainer",
     "CPSCutMixTrainer_ensemble",
     "CPSCutMixTrainer_cleansup",

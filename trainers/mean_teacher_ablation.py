@@ -50,3 +50,11 @@ class MeanTeacherTrainer_ema99_fixed_nossl(MeanTeacherTrainer_ema99_fixed):
     loss (stock's supervised step otherwise), so a gap to stock is the machinery's, not the loss terms'."""
 
     consistency_weight = 0.0
+
+
+class MeanTeacherContinuityTrainer_ema99_fixed_nocons(MeanTeacherContinuityTrainer_ema99_fixed):
+    """MeanTeacherContinuityTrainer_ema99_fixed without the consistency term: continuity is the only SSL loss, the
+    fourth corner of the 2 x 2 ablation with _fixed_nossl (neither), MeanTeacherTrainer_ema99_fixed (consistency)
+    and MeanTeacherContinuityTrainer_ema99_fixed (both)."""
+
+    consistency_weight = 0.0
