@@ -90,6 +90,9 @@ def test_stock_comes_first_and_only_once():
      "MeanTeacherTrainer@nnUNetPlans"),
     ("MeanTeacherTrainer@nnUNetPlans_tiny", "MeanTeacherTrainer", "3d_fullres", "", "MeanTeacherTrainer"),  # base
     ("MeanTeacherTrainer@@mine", "MeanTeacherTrainer", "3d_fullres", "mine", "MeanTeacherTrainer@@mine"),
+    ("nnUNetTrainer@2d+3d_fullres", "nnUNetTrainer", "2d+3d_fullres", "", "nnUNetTrainer@2d+3d_fullres"),
+    ("nnUNetTrainer@2d+3d_fullres@attention", "nnUNetTrainer", "2d+3d_fullres", "attention",
+     "nnUNetTrainer@2d+3d_fullres@attention"),
 ])
 def test_arms_name_a_trainer_configuration_and_plans(text, trainer, configuration, plans, canonical):
     settings = BenchmarkSettings(trainers=[])
@@ -100,7 +103,7 @@ def test_arms_name_a_trainer_configuration_and_plans(text, trainer, configuratio
 
 
 @pytest.mark.parametrize("text", ["nnUNetTrainer@", "@2d", "nnUNetTrainer@3d@x", "nnUNetTrainer@2d@x@y",
-                                  "nnUNetTrainer@2d@"])
+                                  "nnUNetTrainer@2d@", "nnUNetTrainer@2d+", "nnUNetTrainer@2d+3d", "nnUNetTrainer@2d+2d"])
 def test_bad_arms(text):
     with pytest.raises(UserError, match="invalid trainer"):
         BenchmarkSettings(trainers=[text])
@@ -140,6 +143,19 @@ def test_the_self_training_trainer_learns_from_stock_3d_fullres_only():
     settings = BenchmarkSettings(trainers=["PseudoLabelSelfTrainingTrainer"], reference_2d=False)
     assert settings.trainers == ["nnUNetTrainer", "PseudoLabelSelfTrainingTrainer"]
     assert settings.configurations == ["3d_fullres"]
+
+
+def test_an_ensemble_arm_brings_its_members_and_is_paired_with_stock():
+    settings = BenchmarkSettings(trainers=["nnUNetTrainer@3d_fullres+2d", "MeanTeacherTrainer@2d+3d_fullres"],
+                                 reference_2d=False)
+    assert settings.trainers == ["nnUNetTrainer", "nnUNetTrainer@2d", "nnUNetTrainer@3d_fullres+2d",
+                                 "MeanTeacherTrainer", "MeanTeacherTrainer@2d", "MeanTeacherTrainer@2d+3d_fullres"]
+    assert settings.configurations == ["3d_fullres", "2d"]  # what nnUNetv2_plan_and_preprocess is asked for
+    assert settings.ensemble_members("MeanTeacherTrainer@2d+3d_fullres") == ["MeanTeacherTrainer@2d",
+                                                                              "MeanTeacherTrainer"]
+    assert settings.ensemble_members("nnUNetTrainer@2d") == []
+    assert settings.reference_of("nnUNetTrainer@3d_fullres+2d") == "nnUNetTrainer"
+    assert settings.reference_of("MeanTeacherTrainer@2d+3d_fullres") == "nnUNetTrainer"
 
 
 def test_the_ensemble_trainer_brings_both_stock_arms_it_learns_from():

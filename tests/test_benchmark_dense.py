@@ -213,18 +213,19 @@ def test_convergence_stops_at_the_first_budget_that_gains_too_little(tmp_path, m
 
 
 @pytest.mark.integration
-def test_a_dense_tiff_benchmark_with_attention_2d_and_pseudo_label_arms(tmp_path, benchmark_shell):
+def test_a_dense_tiff_benchmark_with_attention_2d_ensemble_and_pseudo_label_arms(tmp_path, benchmark_shell):
     """One benchmark through the real nnU-Net commands (one run, as each costs minutes of nnU-Net start-up): --dense
-    on a 2-channel, 2-class TIFF dataset without test volumes; stock 3d_fullres and 2d, stock and Mean Teacher on
-    attention plans, and Castelli et al.'s 2D-to-3D pseudo-label arm through `nnunet-ext pseudolabels`."""
+    on a 2-channel, 2-class TIFF dataset without test volumes; stock 3d_fullres and 2d, nnU-Net's ensemble of both,
+    stock and Mean Teacher on attention plans, and Castelli et al.'s 2D-to-3D pseudo-label arm through
+    `nnunet-ext pseudolabels`."""
     source = write_dense_tiff_dataset(tmp_path / "Dataset001_Cells")
     out = tmp_path / "bench"
     command = ["benchmark", "--dense", str(source), "--out", str(out), "--trainers", "MeanTeacherTrainer@attention",
-               "PseudoLabelWeightedTrainer", "--sparsity", "every:4", "--seeds", "0", "--epochs", "1",
+               "PseudoLabelWeightedTrainer", "nnUNetTrainer@2d+3d_fullres", "--sparsity", "every:4", "--seeds", "0", "--epochs", "1",
                "--iterations", "2", "--attention-stages", "1", "--no-topology"]
     assert main(command) == 0
     arms = ("nnUNetTrainer", "nnUNetTrainer@2d", "nnUNetTrainer@attention", "MeanTeacherTrainer@attention",
-            "PseudoLabelWeightedTrainer")
+            "PseudoLabelWeightedTrainer", "nnUNetTrainer@2d+3d_fullres")
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert {(r["trainer"], r["class"]) for r in rows} == {
         (arm, name) for arm in arms for name in ("mean", "membrane", "nucleus")}
@@ -260,6 +261,18 @@ def test_a_dense_tiff_benchmark_with_attention_2d_and_pseudo_label_arms(tmp_path
     record = json.loads(next((out / "nnUNet_preprocessed").glob(
         "Dataset*/*_3d_fullres_pseudolabels/fold_all/pseudolabels.json")).read_text())
     assert "nnUNetTrainer_bench1x2" in json.dumps(record["source"])
+
+    # The ensemble arm trains nothing: it is the argmax of the mean of its two members' probabilities.
+    ensemble = runs / "nnUNetTrainer@2d+3d_fullres"
+    saved = json.loads((ensemble / "result.json").read_text())
+    assert saved["trained_as"] == ["nnUNetTrainer_bench1x2"] * 2 and saved["configuration"] == "2d+3d_fullres"
+    assert set(saved["train"]["cases"]) == {"cell_000", "cell_001", "cell_003"}
+    for name, case in (("test_predictions", "cell_002"), ("train_predictions", "cell_001")):
+        members = [np.load(ensemble / "members" / member / name / f"{case}.npz")["probabilities"]
+                   for member in ("nnUNetTrainer@2d", "nnUNetTrainer")]
+        assert not np.allclose(members[0], members[1])  # two different models
+        mean = (members[0] + members[1]) / 2
+        assert np.array_equal(tifffile.imread(ensemble / name / f"{case}.tif"), mean.argmax(0))
 
     modified = pseudo.stat().st_mtime_ns
     assert main(command) == 0  # everything finished: nothing is redone

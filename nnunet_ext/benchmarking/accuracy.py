@@ -11,6 +11,9 @@ with one budget for all (a generated ``<Trainer>_bench<E>x<I>`` variant), and sc
   distance to the nearest annotated slice;
 - on the held-out test volumes: ``nnUNetv2_predict`` on ``imagesTs``, scored against the dense ``labelsTs``.
 
+An ensemble arm (``nnUNetTrainer@2d+3d_fullres``) trains nothing: ``nnUNetv2_ensemble`` averages its member arms'
+probabilities on the test and on the training volumes, as nnU-Net's find_best_configuration may recommend.
+
 Everything lives under ``--out`` (own nnU-Net folders); a finished run is never redone, an interrupted one
 continues (``--c``), and a failing run is reported without stopping the others. The summary (``summary.csv``,
 ``results.md``, ``dice_vs_sparsity.png``, ``dice_vs_distance.png``) is rewritten after every run.
@@ -68,6 +71,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 FALLBACK_EPOCHS, FALLBACK_ITERATIONS = 50, 50
 ATTENTION = "attention"  # the arm's plans: `nnunet-ext plans attention` of the benchmark's base plans
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+ENSEMBLE = "+"  # TRAINER@2d+3d_fullres: nnUNetv2_ensemble of the trainer's models of these configurations
 # Settings a resumed benchmark must share with the runs already in its folder.
 FIXED_SETTINGS = ("recipe", "data", "test_cases", "epochs", "iterations", "plans", "configuration",
                   "attention_stages", "device")
@@ -133,7 +137,8 @@ class BenchmarkSettings:
         return RECIPES[self.recipe].budget_epochs is not None
 
     def parse_arm(self, arm: str) -> Arm:
-        """``TRAINER[@CONFIGURATION][@PLANS]``; a single ``@X`` is plans when X is ``attention`` or names plans."""
+        """``TRAINER[@CONFIGURATION][@PLANS]``; a single ``@X`` is plans when X is ``attention`` or names plans.
+        CONFIGURATION may join distinct configurations with ``+``: nnU-Net's ensemble of their models."""
         parts = arm.split("@")
         if len(parts) > 3 or not parts[0] or (len(parts) > 1 and not parts[-1]):
             raise UserError(f"invalid trainer {arm!r}: write TRAINER, TRAINER@CONFIGURATION, TRAINER@PLANS or "
@@ -143,10 +148,15 @@ class BenchmarkSettings:
             rest = ["", rest[0]]
         configuration = (rest[0] if rest else "") or self.configuration
         plans = rest[1] if len(rest) > 1 else ""
-        if configuration not in CONFIGURATIONS:
-            raise UserError(f"invalid trainer {arm!r}: unknown configuration {configuration!r} (one of "
+        members = configuration.split(ENSEMBLE)
+        unknown = [c for c in members if c not in CONFIGURATIONS]
+        if unknown:
+            raise UserError(f"invalid trainer {arm!r}: unknown configuration {unknown[0]!r} (one of "
                             f"{', '.join(CONFIGURATIONS)}); plans go last, e.g. "
                             f"{trainer}@3d_fullres@{plans or ATTENTION}")
+        if len(set(members)) != len(members):
+            raise UserError(f"invalid trainer {arm!r}: an ensemble joins distinct configurations, e.g. "
+                            f"{trainer}@2d+3d_fullres")
         return Arm(trainer, configuration, "" if plans == self.plans_identifier else plans)
 
     def arm_name(self, arm: Arm) -> str:
@@ -172,6 +182,7 @@ class BenchmarkSettings:
             # An unknown name fails here, not inside nnU-Net's trainer search.
             trainer_class = find_trainer_class(arm.trainer, search_ext_folders=False)
             needed = [Arm(REFERENCE, self.configuration, arm.plans)]
+            needed += [replace(arm, configuration=c) for c in self.ensemble_members_of(arm)]
             if issubclass(trainer_class, PseudoLabelWeightedTrainer):
                 needed += [Arm(REFERENCE, configuration, arm.plans)
                            for configuration in source_configurations(trainer_class.pseudo_label_source)]
@@ -179,6 +190,17 @@ class BenchmarkSettings:
                 if name not in ordered:
                     ordered.append(name)
         return ordered
+
+    @staticmethod
+    def ensemble_members_of(arm: Arm) -> list[str]:
+        """The configurations an ensemble arm averages; [] for an arm that trains one model."""
+        members = arm.configuration.split(ENSEMBLE)
+        return members if len(members) > 1 else []
+
+    def ensemble_members(self, arm: str) -> list[str]:
+        """The arms (one per configuration) whose models an ensemble arm averages; [] for other arms."""
+        parsed = self.parse_arm(arm)
+        return [self.arm_name(replace(parsed, configuration=c)) for c in self.ensemble_members_of(parsed)]
 
     def split_arm(self, arm: str) -> tuple[str, str]:
         """An arm's (trainer, configuration)."""
@@ -204,7 +226,8 @@ class BenchmarkSettings:
     @property
     def configurations(self) -> list[str]:
         """Every configuration an arm trains, the benchmark's own first."""
-        return list(dict.fromkeys([self.configuration] + [self.split_arm(a)[1] for a in self.trainers]))
+        return list(dict.fromkeys([self.configuration] + [c for a in self.trainers
+                                                           for c in self.split_arm(a)[1].split(ENSEMBLE)]))
 
     @property
     def derived_plans(self) -> list[str]:
@@ -451,40 +474,82 @@ def train_and_score(folder: BenchmarkFolder, raw: Path, seed: int, trainer: str,
     s = folder.settings
     run.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    dataset_id = _dataset_id(raw)
-    name, configuration = s.bench_name(trainer), s.split_arm(trainer)[1]
-    fold = _fold_folder(folder, raw, trainer, seed)
-    env = folder.seed_environment(seed)
-    if not (fold / "checkpoint_final.pth").is_file() or not (fold / "validation" / "summary.json").is_file():
-        resume = ["--c"] if (fold / "checkpoint_latest.pth").is_file() else []
-        if not resume:
-            ensure_pseudolabels(folder, raw, trainer, seed, run / "pseudolabels.log")
-        run_logged(f"train {trainer}", [nnunet_command("nnUNetv2_train"), dataset_id, configuration, FOLD,
-                                        "-tr", name, "-p", s.arm_plans(trainer), "-device", s.device, *resume],
-                   training_environment(env), run / "train.log", progress=EPOCH_LINE, total=s.epochs,
-                   leave=False)
-    test_predictions = run / "test_predictions"
-    shutil.rmtree(test_predictions, ignore_errors=True)
-    cases = len(list((raw / "labelsTs").iterdir()))
-    run_logged(f"predict {trainer}", [nnunet_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o",
-                                      str(test_predictions), "-d", dataset_id, "-c", configuration, "-f", FOLD,
-                                      "-tr", name, "-p", s.arm_plans(trainer), "-device", s.device,
-                                      "-npp", "0", "-nps", "0"],
-               env, run / "predict.log", progress=PREDICT_LINE, total=cases, leave=False)
+    members = s.ensemble_members(trainer)
+    if members:
+        trained_as = [s.bench_name(m) for m in members]
+        test_predictions, train_predictions = ensemble_predictions(folder, raw, seed, trainer, members, run)
+    else:
+        trained_as = s.bench_name(trainer)
+        test_predictions, train_predictions = train_and_predict(folder, raw, seed, trainer, run)
     test = evaluate_folder(test_predictions, raw / "labelsTs", topology=s.topology)
-    train = evaluate_folder(fold / "validation", raw / "labelsTr_dense", annotated_dir=raw / "labelsTr",
+    train = evaluate_folder(train_predictions, raw / "labelsTr_dense", annotated_dir=raw / "labelsTr",
                             topology=False)
     write_results(test, run / "evaluation_test")
     write_results(train, run / "evaluation_train")
-    result = {"trainer": trainer, "trained_as": name, "configuration": configuration, **labels, "seed": seed,
-              "dataset": raw.name, "epochs": s.epochs, "iterations": s.iterations, "plans": s.arm_plans(trainer),
-              "minutes": (time.time() - started) / 60,
+    result = {"trainer": trainer, "trained_as": trained_as, "configuration": s.split_arm(trainer)[1], **labels,
+              "seed": seed, "dataset": raw.name, "epochs": s.epochs, "iterations": s.iterations,
+              "plans": s.arm_plans(trainer), "minutes": (time.time() - started) / 60,
               "test": {"aggregate": test["aggregate"],
                        "cases": {c: m[MEAN]["dice"] for c, m in test["cases"].items()}},
               "train": {"aggregate": train["aggregate"],
                         "cases": {c: m[MEAN]["dice_unannotated"] for c, m in train["cases"].items()}}}
     _write_json(run / "result.json", result)
     return result
+
+
+def train_and_predict(folder: BenchmarkFolder, raw: Path, seed: int, trainer: str, run: Path) -> tuple[Path, Path]:
+    """Train one arm through nnUNetv2_train (unless finished) and predict the test volumes; returns the folders of
+    the test predictions and of the training-volume predictions (nnU-Net's final validation of fold ``all``)."""
+    s = folder.settings
+    fold = _fold_folder(folder, raw, trainer, seed)
+    if not (fold / "checkpoint_final.pth").is_file() or not (fold / "validation" / "summary.json").is_file():
+        resume = ["--c"] if (fold / "checkpoint_latest.pth").is_file() else []
+        if not resume:
+            ensure_pseudolabels(folder, raw, trainer, seed, run / "pseudolabels.log")
+        run_logged(f"train {trainer}", [nnunet_command("nnUNetv2_train"), _dataset_id(raw), s.split_arm(trainer)[1],
+                                        FOLD, "-tr", s.bench_name(trainer), "-p", s.arm_plans(trainer),
+                                        "-device", s.device, *resume],
+                   training_environment(folder.seed_environment(seed)), run / "train.log", progress=EPOCH_LINE,
+                   total=s.epochs, leave=False)
+    test_predictions = run / "test_predictions"
+    predict(folder, raw, seed, trainer, "imagesTs", test_predictions, run / "predict.log")
+    return test_predictions, fold / "validation"
+
+
+def predict(folder: BenchmarkFolder, raw: Path, seed: int, arm: str, images: str, out: Path, log: Path,
+            probabilities: bool = False) -> None:
+    """nnUNetv2_predict of an arm's trained model on ``raw/images`` into a fresh ``out``."""
+    s = folder.settings
+    shutil.rmtree(out, ignore_errors=True)
+    cases = len({p.name.rsplit("_", 1)[0] for p in (raw / images).iterdir()})
+    run_logged(f"predict {arm} {images}",
+               [nnunet_command("nnUNetv2_predict"), "-i", str(raw / images), "-o", str(out), "-d", _dataset_id(raw),
+                "-c", s.split_arm(arm)[1], "-f", FOLD, "-tr", s.bench_name(arm), "-p", s.arm_plans(arm),
+                "-device", s.device, "-npp", "0", "-nps", "0", *(["--save_probabilities"] if probabilities else [])],
+               folder.seed_environment(seed), log, progress=PREDICT_LINE, total=cases, leave=False)
+
+
+def ensemble_predictions(folder: BenchmarkFolder, raw: Path, seed: int, arm: str, members: list[str],
+                         run: Path) -> tuple[Path, Path]:
+    """nnU-Net's own ensemble (nnUNetv2_ensemble: the mean of the members' probabilities) of the trained member
+    arms, on the test and on the training volumes; returns the folders of both predictions. Each member's
+    predictions and probabilities stay in ``run/members``."""
+    for member in members:
+        if not (_fold_folder(folder, raw, member, seed) / "checkpoint_final.pth").is_file():
+            raise UserError(f"{arm}: its member {member} has no final checkpoint: its run must finish first")
+    outputs = []
+    for images, name in (("imagesTs", "test_predictions"), ("imagesTr", "train_predictions")):
+        inputs = []
+        for member in members:
+            inputs.append(run / "members" / member / name)
+            predict(folder, raw, seed, member, images, inputs[-1], run / "members" / member / f"{name}.log",
+                    probabilities=True)
+        shutil.rmtree(run / name, ignore_errors=True)
+        run_logged(f"ensemble {arm} {images}", [nnunet_command("nnUNetv2_ensemble"), "-i", *map(str, inputs),
+                                                "-o", str(run / name), "-np", _nproc(folder.env)],
+                   folder.seed_environment(seed), run / f"ensemble_{name}.log", leave=False)
+        outputs.append(run / name)
+    return outputs[0], outputs[1]
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -987,7 +1052,8 @@ def add_arguments(parser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--trainers", nargs="+", default=list(DEFAULT_TRAINERS), metavar="ARM",
                         help=f"arms TRAINER[@CONFIGURATION][@PLANS] compared with {REFERENCE} (PLANS: attention or "
-                             f"an existing identifier); stock on each arm's plans and stock 2d join automatically "
+                             f"an existing identifier; CONFIGURATION 2d+3d_fullres: nnU-Net's ensemble of both "
+                             f"models); stock on each arm's plans and stock 2d join automatically "
                              f"(default: {' '.join(DEFAULT_TRAINERS)})")
     parser.add_argument("--sparsity", nargs="+", metavar="LEVEL",
                         help="every:K or slices:N levels (default per recipe: synth every:4 every:8)")
