@@ -44,6 +44,7 @@ def test_ablation_variants_change_only_their_hypothesis():
     from nnunet_ext.trainers import (
         MeanTeacherContinuityTrainer_ema99,
         MeanTeacherContinuityTrainer_ema99_fixed,
+        MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
         MeanTeacherContinuityTrainer_ema99_fixed_nocons,
         MeanTeacherTrainer_ema99,
         MeanTeacherTrainer_ema99_cleansup,
@@ -65,7 +66,9 @@ def test_ablation_variants_change_only_their_hypothesis():
             (MeanTeacherContinuityTrainer_ema99_fixed, MeanTeacherContinuityTrainer_ema99,
              {**fixed, "continuity_weight": 1.0}),
             (MeanTeacherContinuityTrainer_ema99_fixed_nocons, MeanTeacherContinuityTrainer_ema99_fixed,
-             {"consistency_weight": 0.0})]:
+             {"consistency_weight": 0.0}),
+            (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, MeanTeacherContinuityTrainer_ema99_fixed,
+             {"continuity_across_edges": False})]:
         assert variant.__bases__ == (base,)
         assert {k: v for k, v in vars(variant).items() if not k.startswith("__")} == changes
 
@@ -106,6 +109,31 @@ def test_perturbed_network_chooses_whose_input_is_perturbed(build_in_process, pe
     data = batch["data"]
     assert torch.equal(seen["student"], 2 * data if student_doubled else data)
     assert torch.equal(seen["teacher"], 2 * data if teacher_doubled else data)
+
+
+@pytest.mark.parametrize("across_edges", [True, False])
+def test_continuity_leaves_out_the_teachers_edges_on_request(build_in_process, monkeypatch, across_edges):
+    import nnunet_ext.trainers.mean_teacher as mean_teacher
+
+    variant = type("MeanTeacherContinuityTrainer_edges", (MeanTeacherContinuityTrainer,),
+                   {"continuity_across_edges": across_edges, "__module__": __name__})
+    trainer = build_in_process(variant)
+    (batch,) = draw_batches(trainer, 1)
+    seen = {}
+    trainer.teacher.module.register_forward_hook(lambda module, args, out: seen.setdefault("teacher", out))
+    continuity = mean_teacher.axial_continuity_loss
+
+    def recording_continuity(probabilities, mask, axis, labels):
+        seen["labels"] = labels
+        return continuity(probabilities, mask, axis, labels)
+
+    monkeypatch.setattr(mean_teacher, "axial_continuity_loss", recording_continuity)
+    trainer.train_step(batch)
+    teacher = seen["teacher"][0] if isinstance(seen["teacher"], (list, tuple)) else seen["teacher"]
+    if across_edges:
+        assert seen["labels"] is None  # every unlabeled pair counts (the paper)
+    else:
+        assert torch.equal(seen["labels"], teacher.argmax(1, keepdim=True))  # full-resolution teacher classes
 
 
 def test_an_unknown_perturbed_network_is_refused(build_in_process):

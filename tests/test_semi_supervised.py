@@ -561,6 +561,25 @@ def test_continuity_no_unlabeled_pair_and_half_precision():
     assert axial_continuity_loss(PROBS_3D.bfloat16(), MASK_3D, 0).item() == pytest.approx(0.15625)
 
 
+# Labels (e.g. the teacher's argmax) on the same grid: d0 [0, 0], d1 [0, 1], d2 [1, 0].
+# axis 0: (d0, d1, w0) same label, 0.125; (d1, d2, w0) crosses a label change -> 0.125 / (1 pair * 2) = 0.0625
+# axis 2: d0 same label, 0.5; d2 crosses -> 0.5 / (1 * 2) = 0.25
+LABELS_3D = torch.tensor([[0, 0], [0, 1], [1, 0]])[None, None, :, None, :]
+
+
+@pytest.mark.parametrize("axis, expected", [(0, 0.0625), (2, 0.25), (1, 0.0)])
+def test_continuity_across_label_changes_is_left_out(axis, expected):
+    probs = PROBS_3D.clone().requires_grad_()
+    loss = axial_continuity_loss(probs, MASK_3D, axis, LABELS_3D)
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    if axis == 0:  # only the (d0, d1, w0) pair is left: d2 gets no gradient
+        assert probs.grad[0, :, 2].abs().sum() == 0 and probs.grad[0, :, 0, 0, 0].abs().sum() > 0
+    # Equal labels everywhere count every unlabeled pair, as without labels.
+    assert axial_continuity_loss(PROBS_3D, MASK_3D, axis, torch.zeros_like(LABELS_3D)).item() == \
+        pytest.approx(axial_continuity_loss(PROBS_3D, MASK_3D, axis).item())
+
+
 @pytest.mark.parametrize("probs, mask, axis, error", [
     (PROBS_3D, MASK_3D, 3, ValueError),
     (PROBS_3D, MASK_3D, -4, ValueError),
@@ -572,3 +591,8 @@ def test_continuity_no_unlabeled_pair_and_half_precision():
 def test_continuity_bad_arguments(probs, mask, axis, error):
     with pytest.raises(error):
         axial_continuity_loss(probs, mask, axis)
+
+
+def test_continuity_labels_must_have_the_mask_shape():
+    with pytest.raises(ValueError, match="labels"):
+        axial_continuity_loss(PROBS_3D, MASK_3D, 0, LABELS_3D[:, :, :2])

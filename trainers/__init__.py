@@ -12,6 +12,7 @@ from nnunet_ext.trainers.mean_teacher import (
 )
 from nnunet_ext.trainers.mean_teacher_ablation import (
     MeanTeacherContinuityTrainer_ema99_fixed,
+    MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
     MeanTeacherContinuityTrainer_ema99_fixed_nocons,
     MeanTeacherTrainer_ema99_cleansup,
     MeanTeacherTrainer_ema99_fixed,
@@ -46,6 +47,7 @@ __all__ = [
     "MeanTeacherTrainer_ema99_fixed_nossl",
     "MeanTeacherContinuityTrainer_ema99_fixed",
     "MeanTeacherContinuityTrainer_ema99_fixed_nocons",
+    "MeanTeacherContinuityTrainer_ema99_fixed_edgeaware",
     "CPSCutMixTrainer",
     "CPSCutMixTrainer_ensemble",
     "CPSCutMixTrainer_cleansup",

@@ -37,6 +37,8 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
     confidence_temperature: float | None = None
     consistency_weight: float = 10.0
     continuity_weight: float = 0.0
+    # False: pairs across which the teacher's class changes (an object's real top or bottom) are not smoothed.
+    continuity_across_edges: bool = True
     rampup_fraction: float = 0.2  # of all epochs
     strong_perturbation: StrongIntensityPerturbation = StrongIntensityPerturbation()
     # Which network's input gets strong_perturbation: "student" (the paper: the supervised loss sees it too),
@@ -58,7 +60,8 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         return {**super().hyperparameters(), "ema_alpha": self.ema_alpha, "temperature": self.temperature,
                 "confidence_threshold": self.confidence_threshold,
                 "confidence_temperature": self.confidence_temperature, "consistency_weight": self.consistency_weight,
-                "continuity_weight": self.continuity_weight, "rampup_fraction": self.rampup_fraction,
+                "continuity_weight": self.continuity_weight,
+                "continuity_across_edges": self.continuity_across_edges, "rampup_fraction": self.rampup_fraction,
                 "strong_perturbation": repr(self.strong_perturbation), "perturbed_network": self.perturbed_network}
 
     def _continuity_axis(self) -> int:
@@ -112,8 +115,9 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
             loss = loss_sup + lambda_cons * loss_cons
             loss_cont = torch.zeros((), device=self.device)
             if self.continuity_axis is not None:
+                teacher_labels = None if self.continuity_across_edges else teacher_logits.argmax(1, keepdim=True)
                 loss_cont = axial_continuity_loss(torch.softmax(student_logits.float(), 1), unlabeled,
-                                                  self.continuity_axis)
+                                                  self.continuity_axis, teacher_labels)
                 loss = loss + lambda_cont * loss_cont
             extra_logs = {}
             if extra_loss is not None:

@@ -58,3 +58,10 @@ class MeanTeacherContinuityTrainer_ema99_fixed_nocons(MeanTeacherContinuityTrain
     and MeanTeacherContinuityTrainer_ema99_fixed (both)."""
 
     consistency_weight = 0.0
+
+
+class MeanTeacherContinuityTrainer_ema99_fixed_edgeaware(MeanTeacherContinuityTrainer_ema99_fixed):
+    """MeanTeacherContinuityTrainer_ema99_fixed whose continuity leaves out the adjacent-slice pairs across which the
+    teacher's class changes: it smooths within objects, not their real tops and bottoms."""
+
+    continuity_across_edges = False
