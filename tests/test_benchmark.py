@@ -149,7 +149,7 @@ def test_an_ensemble_arm_brings_its_members_and_is_paired_with_stock():
     settings = BenchmarkSettings(trainers=["nnUNetTrainer@3d_fullres+2d", "MeanTeacherTrainer@2d+3d_fullres"],
                                  reference_2d=False)
     assert settings.trainers == ["nnUNetTrainer", "nnUNetTrainer@2d", "nnUNetTrainer@3d_fullres+2d",
-                                 "MeanTeacherTrainer", "MeanTeacherTrainer@2d", "MeanTeacherTrainer@2d+3d_fullres"]
+                                 "MeanTeacherTrainer@2d", "MeanTeacherTrainer", "MeanTeacherTrainer@2d+3d_fullres"]
     assert settings.configurations == ["3d_fullres", "2d"]  # what nnUNetv2_plan_and_preprocess is asked for
     assert settings.ensemble_members("MeanTeacherTrainer@2d+3d_fullres") == ["MeanTeacherTrainer@2d",
                                                                               "MeanTeacherTrainer"]
