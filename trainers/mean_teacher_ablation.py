@@ -36,6 +36,13 @@ class MeanTeacherTrainer_ema99_fixed(MeanTeacherTrainer_ema99):
     perturbed_network = "teacher"
 
 
+class MeanTeacherTrainer_ema99_fixed_noperturb(MeanTeacherTrainer_ema99_fixed):
+    """_fixed without the strong perturbation: teacher and student see nnU-Net's batch, so the consistency target
+    no longer comes from a perturbed (degraded) view of the student's input."""
+
+    perturbed_network = "none"
+
+
 class MeanTeacherContinuityTrainer_ema99_fixed(MeanTeacherContinuityTrainer_ema99):
     """MeanTeacherTrainer_ema99_fixed plus continuity at weight 1 (10 penalises real object ends on plain U-Nets)."""
 
