@@ -45,7 +45,6 @@ def test_ablation_variants_change_only_their_hypothesis():
         MeanTeacherContinuityTrainer_ema99,
         MeanTeacherContinuityTrainer_ema99_fixed,
         MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
-        MeanTeacherContinuityTrainer_ema99_fixed_nocons,
         MeanTeacherTrainer_ema99,
         MeanTeacherTrainer_ema99_cleansup,
         MeanTeacherTrainer_ema99_fixed,
@@ -67,8 +66,6 @@ def test_ablation_variants_change_only_their_hypothesis():
             (MeanTeacherTrainer_ema99_fixed_noperturb, MeanTeacherTrainer_ema99_fixed, {"perturbed_network": "none"}),
             (MeanTeacherContinuityTrainer_ema99_fixed, MeanTeacherContinuityTrainer_ema99,
              {**fixed, "continuity_weight": 1.0}),
-            (MeanTeacherContinuityTrainer_ema99_fixed_nocons, MeanTeacherContinuityTrainer_ema99_fixed,
-             {"consistency_weight": 0.0}),
             (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, MeanTeacherContinuityTrainer_ema99_fixed,
              {"continuity_across_edges": False})]:
         assert variant.__bases__ == (base,)

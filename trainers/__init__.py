@@ -13,7 +13,6 @@ from nnunet_ext.trainers.mean_teacher import (
 from nnunet_ext.trainers.mean_teacher_ablation import (
     MeanTeacherContinuityTrainer_ema99_fixed,
     MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
-    MeanTeacherContinuityTrainer_ema99_fixed_nocons,
     MeanTeacherTrainer_ema99_cleansup,
     MeanTeacherTrainer_ema99_fixed,
     MeanTeacherTrainer_ema99_fixed_noperturb,
@@ -48,7 +47,6 @@ __all__ = [
     "MeanTeacherTrainer_ema99_fixed_nossl",
     "MeanTeacherTrainer_ema99_fixed_noperturb",
     "MeanTeacherContinuityTrainer_ema99_fixed",
-    "MeanTeacherContinuityTrainer_ema99_fixed_nocons",
     "MeanTeacherContinuityTrainer_ema99_fixed_edgeaware",
     "CPSCutMixTrainer",
     "CPSCutMixTrainer_ensemble",

@@ -59,14 +59,6 @@ class MeanTeacherTrainer_ema99_fixed_nossl(MeanTeacherTrainer_ema99_fixed):
     consistency_weight = 0.0
 
 
-class MeanTeacherContinuityTrainer_ema99_fixed_nocons(MeanTeacherContinuityTrainer_ema99_fixed):
-    """MeanTeacherContinuityTrainer_ema99_fixed without the consistency term: continuity is the only SSL loss, the
-    fourth corner of the 2 x 2 ablation with _fixed_nossl (neither), MeanTeacherTrainer_ema99_fixed (consistency)
-    and MeanTeacherContinuityTrainer_ema99_fixed (both)."""
-
-    consistency_weight = 0.0
-
-
 class MeanTeacherContinuityTrainer_ema99_fixed_edgeaware(MeanTeacherContinuityTrainer_ema99_fixed):
     """MeanTeacherContinuityTrainer_ema99_fixed whose continuity leaves out the adjacent-slice pairs across which the
     teacher's class changes: it smooths within objects, not their real tops and bottoms."""
