@@ -13,6 +13,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_ext.semi_supervised import unwrap
 from nnunet_ext.trainer_in_process import draw_batches
 from nnunet_ext.trainers import MeanTeacherContinuityTrainer, MeanTeacherTrainer
+from nnunet_ext.trainers.semi_supervised_base import first_output
 
 pytestmark = pytest.mark.integration
 TRAINER = "MeanTeacherContinuityTrainer_exttest_noval"  # final validation: the dense benchmark test runs MT's
@@ -50,6 +51,7 @@ def test_ablation_variants_change_only_their_hypothesis():
         MeanTeacherTrainer_ema99_fixed,
         MeanTeacherTrainer_ema99_fixed_noperturb,
         MeanTeacherTrainer_ema99_fixed_nossl,
+        MeanTeacherTrainer_ema99_fixed_twoviews,
         MeanTeacherTrainer_ema99_lambda1,
         MeanTeacherTrainer_ema99_nossl,
         MeanTeacherTrainer_ema99_rawconf,
@@ -64,6 +66,8 @@ def test_ablation_variants_change_only_their_hypothesis():
             (MeanTeacherTrainer_ema99_fixed, MeanTeacherTrainer_ema99, fixed),
             (MeanTeacherTrainer_ema99_fixed_nossl, MeanTeacherTrainer_ema99_fixed, {"consistency_weight": 0.0}),
             (MeanTeacherTrainer_ema99_fixed_noperturb, MeanTeacherTrainer_ema99_fixed, {"perturbed_network": "none"}),
+            (MeanTeacherTrainer_ema99_fixed_twoviews, MeanTeacherTrainer_ema99_fixed,
+             {"perturbed_network": "student_consistency"}),
             (MeanTeacherContinuityTrainer_ema99_fixed, MeanTeacherContinuityTrainer_ema99,
              {**fixed, "continuity_weight": 1.0}),
             (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, MeanTeacherContinuityTrainer_ema99_fixed,
@@ -108,6 +112,45 @@ def test_perturbed_network_chooses_whose_input_is_perturbed(build_in_process, pe
     data = batch["data"]
     assert torch.equal(seen["student"], 2 * data if student_doubled else data)
     assert torch.equal(seen["teacher"], 2 * data if teacher_doubled else data)
+
+
+def test_two_views_supervise_the_clean_view_and_hold_the_perturbed_one_to_the_teacher(build_in_process,
+                                                                                     monkeypatch):
+    import nnunet_ext.trainers.mean_teacher as mean_teacher
+    from nnunet_ext.semi_supervised import StrongIntensityPerturbation
+
+    double = StrongIntensityPerturbation(brightness=(2.0, 2.0), p_brightness=1.0, p_noise=0.0, p_contrast=0.0,
+                                         p_gamma=0.0, p_blur=0.0)
+    variant = type("MeanTeacherTrainer_twoviews", (MeanTeacherTrainer,),
+                   {"perturbed_network": "student_consistency", "strong_perturbation": double,
+                    "__module__": __name__})
+    trainer = build_in_process(variant)
+    (batch,) = draw_batches(trainer, 1)
+    data = batch["data"]
+    student = unwrap(trainer.network)
+    with torch.no_grad():  # before the step changes the weights; instance norm: each sample alone gives the same
+        clean, perturbed = student(data), first_output(student(2 * data))
+        teacher = first_output(trainer.teacher.module(data))
+    seen = {}
+    supervised = trainer.loss
+    consistency = mean_teacher.sharpened_consistency_loss
+
+    def recording_supervised(output, target):
+        seen["supervised"] = output
+        return supervised(output, target)
+
+    def recording_consistency(student_logits, teacher_logits, *args):
+        seen["student"], seen["teacher"] = student_logits, teacher_logits
+        return consistency(student_logits, teacher_logits, *args)
+
+    trainer.loss = recording_supervised
+    monkeypatch.setattr(mean_teacher, "sharpened_consistency_loss", recording_consistency)
+    trainer.train_step(batch)
+    assert len(seen["supervised"]) == len(clean)  # every deep-supervision output, clean view only
+    for got, expected in zip(seen["supervised"], clean, strict=True):
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seen["student"].detach(), perturbed, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seen["teacher"], teacher, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("across_edges", [True, False])

@@ -24,7 +24,14 @@ from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer, firs
 
 # Label volumes read to infer the annotation axis when dataset.json does not record it.
 AXIS_INFERENCE_CASES = 5
-PERTURBED_NETWORKS = ("student", "teacher", "none")
+PERTURBED_NETWORKS = ("student", "teacher", "none", "student_consistency")
+
+
+def split_views(output, n: int):
+    """The first ``n`` samples of a (deep-supervision) output, and the full-resolution output of the rest."""
+    if isinstance(output, (list, tuple)):
+        return [o[:n] for o in output], output[0][n:]
+    return output[:n], output[n:]
 
 
 class MeanTeacherTrainer(SemiSupervisedTrainer):
@@ -42,7 +49,9 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
     rampup_fraction: float = 0.2  # of all epochs
     strong_perturbation: StrongIntensityPerturbation = StrongIntensityPerturbation()
     # Which network's input gets strong_perturbation: "student" (the paper: the supervised loss sees it too),
-    # "teacher" (the student and its supervised loss see nnU-Net's batch as stock does), or "none".
+    # "teacher" (the student and its supervised loss see nnU-Net's batch as stock does), "none", or
+    # "student_consistency" (FixMatch's weak/strong views: the student also predicts a perturbed copy of the batch,
+    # which only the consistency term sees; the supervised and continuity terms and the teacher see nnU-Net's batch).
     perturbed_network: str = "student"
     ssl_log_keys = ("loss_sup", "loss_cons", "loss_cont", "lambda_cons", "lambda_cont", "passed_fraction")
 
@@ -101,16 +110,23 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         # Intensity-only: teacher and student stay voxel-aligned.
         student_input = self.strong_perturbation(data) if self.perturbed_network == "student" else data
         teacher_input = self.strong_perturbation(data) if self.perturbed_network == "teacher" else data
+        two_views = self.perturbed_network == "student_consistency"
+        if two_views:  # one forward pass over both views; nnU-Net's instance norm keeps the samples independent
+            student_input = torch.cat([data, self.strong_perturbation(data)])
 
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             with torch.no_grad():
                 teacher_logits = first_output(self.teacher.module(teacher_input))
             output = self.network(student_input)
+            if two_views:
+                output, consistency_logits = split_views(output, len(data))
             loss_sup = self.loss(output, target)
             student_logits = first_output(output)
+            if not two_views:
+                consistency_logits = student_logits
             loss_cons, passed_fraction = sharpened_consistency_loss(
-                student_logits, teacher_logits, unlabeled, self.temperature, self.confidence_threshold,
+                consistency_logits, teacher_logits, unlabeled, self.temperature, self.confidence_threshold,
                 self.confidence_temperature)
             loss = loss_sup + lambda_cons * loss_cons
             loss_cont = torch.zeros((), device=self.device)

@@ -43,6 +43,13 @@ class MeanTeacherTrainer_ema99_fixed_noperturb(MeanTeacherTrainer_ema99_fixed):
     perturbed_network = "none"
 
 
+class MeanTeacherTrainer_ema99_fixed_twoviews(MeanTeacherTrainer_ema99_fixed):
+    """_fixed with FixMatch's views: the teacher predicts nnU-Net's batch, the student a perturbed copy of it for the
+    consistency term only, so the term teaches invariance to the perturbation and the supervised loss stays stock's."""
+
+    perturbed_network = "student_consistency"
+
+
 class MeanTeacherContinuityTrainer_ema99_fixed(MeanTeacherContinuityTrainer_ema99):
     """MeanTeacherTrainer_ema99_fixed plus continuity at weight 1 (10 penalises real object ends on plain U-Nets)."""
 
