@@ -46,6 +46,7 @@ def test_ablation_variants_change_only_their_hypothesis():
         MeanTeacherContinuityTrainer_ema99,
         MeanTeacherContinuityTrainer_ema99_fixed,
         MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
+        MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
         MeanTeacherTrainer_ema99,
         MeanTeacherTrainer_ema99_cleansup,
         MeanTeacherTrainer_ema99_fixed,
@@ -71,7 +72,9 @@ def test_ablation_variants_change_only_their_hypothesis():
             (MeanTeacherContinuityTrainer_ema99_fixed, MeanTeacherContinuityTrainer_ema99,
              {**fixed, "continuity_weight": 1.0}),
             (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, MeanTeacherContinuityTrainer_ema99_fixed,
-             {"continuity_across_edges": False})]:
+             {"continuity_across_edges": False}),
+            (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
+             MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, {"perturbed_network": "none"})]:
         assert variant.__bases__ == (base,)
         assert {k: v for k, v in vars(variant).items() if not k.startswith("__")} == changes
 

@@ -13,6 +13,7 @@ from nnunet_ext.trainers.mean_teacher import (
 from nnunet_ext.trainers.mean_teacher_ablation import (
     MeanTeacherContinuityTrainer_ema99_fixed,
     MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
+    MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
     MeanTeacherTrainer_ema99_cleansup,
     MeanTeacherTrainer_ema99_fixed,
     MeanTeacherTrainer_ema99_fixed_noperturb,
@@ -50,6 +51,7 @@ __all__ = [
     "MeanTeacherTrainer_ema99_fixed_twoviews",
     "MeanTeacherContinuityTrainer_ema99_fixed",
     "MeanTeacherContinuityTrainer_ema99_fixed_edgeaware",
+    "MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb",
     "CPSCutMixTrainer",
     "CPSCutMixTrainer_ensemble",
     "CPSCutMixTrainer_cleansup",

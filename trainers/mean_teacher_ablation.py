@@ -71,3 +71,10 @@ class MeanTeacherContinuityTrainer_ema99_fixed_edgeaware(MeanTeacherContinuityTr
     teacher's class changes: it smooths within objects, not their real tops and bottoms."""
 
     continuity_across_edges = False
+
+
+class MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb(MeanTeacherContinuityTrainer_ema99_fixed_edgeaware):
+    """Both removals together: edge-aware continuity and neither input perturbed (each alone made its term harmless
+    on gala_fibsem): the flagship with nothing measured to cost it."""
+
+    perturbed_network = "none"
