@@ -166,6 +166,8 @@ def test_results_name_the_better_stock_configuration_per_class_and_by_distance(t
     # Stock 2d (mean 0.6) beats stock 3d_fullres (0.5) on the unannotated slices.
     assert "Better stock configuration: `nnUNetTrainer@2d` (Dice unannotated slices 0.600, test volumes 0.600); " \
            "`nnUNetTrainer` (Dice unannotated slices 0.500" in markdown
+    assert "`nnUNetTrainer@2d` − `nnUNetTrainer` on the same pairs: Dice unannotated slices +0.100 ± n/a (wins 1/1), " \
+           "test volumes +0.100 ± n/a (wins 1/1)." in markdown
     # Mean Teacher on attention plans is paired with stock on attention plans: 0.7 - 0.6.
     assert "| MeanTeacherTrainer@attention | 1 | 0.700 | 0.700 | 1.000 | 2.0 | `nnUNetTrainer@attention` | " \
            "+0.100 ± n/a (wins 1/1)" in markdown
@@ -178,6 +180,31 @@ def test_results_name_the_better_stock_configuration_per_class_and_by_distance(t
     assert float(mine["nucleus"]["test_dice"]) == 0.6 and float(mine["mean"]["test_dice"]) == 0.7
     assert mine["mean"]["reference"] == "nnUNetTrainer@attention"
     assert len(summary["rows"]) == 4 * 3
+
+
+def test_the_better_stock_line_shows_when_the_test_volumes_rank_the_other_way(tmp_path, monkeypatch):
+    # (unannotated, test) Dice per seed: 2d leads on the unannotated slices, 3d_fullres on the test volumes.
+    dice = {("nnUNetTrainer", 0): (0.70, 0.66), ("nnUNetTrainer", 1): (0.70, 0.66),
+            ("nnUNetTrainer@2d", 0): (0.71, 0.60), ("nnUNetTrainer@2d", 1): (0.73, 0.62)}
+
+    def fake_run(folder, raw, sparsity, seed, trainer):
+        unannotated, test = dice[trainer, seed]
+        r = {"trainer": trainer, "sparsity": sparsity.label, "seed": seed, "dataset": "Dataset100_X", "minutes": 1.0,
+             "test": {"aggregate": {"mean": {"dice": test}}, "cases": {"t0": test}},
+             "train": {"aggregate": {"mean": {"dice_unannotated": unannotated, "dice_annotated": 0.9}},
+                       "cases": {"c0": unannotated}}}
+        benchmark._write_json(folder.run_folder(sparsity, seed, trainer) / "result.json", r)
+        return r
+
+    monkeypatch.setattr(benchmark, "prepare_dataset", lambda folder, sparsity, seed: tmp_path / "raw")
+    monkeypatch.setattr(benchmark, "run_one", fake_run)
+    run_benchmark(tmp_path / "bench", BenchmarkSettings(trainers=[], sparsities=["every:4"], seeds=[0, 1]))
+    markdown = (tmp_path / "bench" / "results.md").read_text()
+    assert "Better stock configuration: `nnUNetTrainer@2d` (Dice unannotated slices 0.720, test volumes 0.610)" \
+        in markdown
+    # Differences +0.01 and +0.03 (std 0.014) on the unannotated slices, -0.06 and -0.04 on the test volumes.
+    assert "`nnUNetTrainer@2d` − `nnUNetTrainer` on the same pairs: Dice unannotated slices +0.020 ± 0.014 " \
+           "(wins 2/2), test volumes -0.050 ± 0.014 (wins 0/2)." in markdown
 
 
 def test_convergence_stops_at_the_first_budget_that_gains_too_little(tmp_path, monkeypatch):

@@ -879,9 +879,15 @@ def _best_stock_lines(by_arm: dict[str, list[dict]], settings: BenchmarkSettings
 
     lines = []
     if len(stock) > 1:
-        best, *others = ranked(stock)
+        best, runner_up, *others = ranked(stock)
         lines.append(f"Better stock configuration: {describe(best)}; " +
-                     "; ".join(f"{describe(arm)}" for arm in others) + ".")
+                     "; ".join(f"{describe(arm)}" for arm in [runner_up, *others]) + ".")
+        # The ranking is by mean unannotated Dice alone: show whether the lead holds pair by pair and on the test volumes.
+        level = [r for arm in (best, runner_up) for r in by_arm[arm]]
+        sparsity = level[0]["sparsity"]
+        lines.append(f"`{best}` − `{runner_up}` on the same pairs: Dice unannotated slices " +
+                     fmt_paired(paired_difference(level, best, sparsity, "train", runner_up)) + ", test volumes " +
+                     fmt_paired(paired_difference(level, best, sparsity, "test", runner_up)) + ".")
     ours = [arm for arm in by_arm if settings.parse_arm(arm).trainer != REFERENCE]
     if ours:
         lines.append(f"Best of the other arms: {describe(ranked(ours)[0])}.")
