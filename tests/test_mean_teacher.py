@@ -19,12 +19,40 @@ pytestmark = pytest.mark.integration
 TRAINER = "MeanTeacherContinuityTrainer_exttest_noval"  # final validation: the dense benchmark test runs MT's
 
 
-def test_names_and_defaults_of_the_paper():
+def test_defaults_are_the_ablations_and_paper_variants_keep_the_papers_loss_settings():
+    from nnunet_ext.trainers import (
+        MeanTeacherContinuityTrainer_ema99_paperloss,
+        MeanTeacherContinuityTrainer_paper,
+        MeanTeacherTrainer_ema99_paperloss,
+        MeanTeacherTrainer_paper,
+    )
+
     assert MeanTeacherTrainer.continuity_weight == 0.0
-    assert MeanTeacherContinuityTrainer.continuity_weight == 10.0
-    for attribute, value in [("ema_alpha", 0.999), ("temperature", 0.5), ("confidence_threshold", 0.8),
-                             ("consistency_weight", 10.0), ("rampup_fraction", 0.2), ("random_patch_fraction", 0.5)]:
-        assert getattr(MeanTeacherContinuityTrainer, attribute) == value
+    shared = [("ema_alpha", 0.999), ("temperature", 0.5), ("confidence_threshold", 0.8), ("rampup_fraction", 0.2),
+              ("random_patch_fraction", 0.5)]
+    ours = {"consistency_weight": 1.0, "continuity_weight": 1.0, "confidence_temperature": 1.0,
+            "perturbed_network": "none", "continuity_across_edges": False}
+    paper = {"consistency_weight": 10.0, "continuity_weight": 10.0, "confidence_temperature": None,
+             "perturbed_network": "student", "continuity_across_edges": True}
+    for trainer, settings in [(MeanTeacherContinuityTrainer, {**dict(shared), **ours}),
+                              (MeanTeacherContinuityTrainer_paper, {**dict(shared), **paper}),
+                              (MeanTeacherContinuityTrainer_ema99_paperloss, {**paper, "ema_alpha": 0.99}),
+                              (MeanTeacherTrainer_paper, {**paper, "continuity_weight": 0.0}),
+                              (MeanTeacherTrainer_ema99_paperloss, {**paper, "continuity_weight": 0.0})]:
+        assert {attribute: getattr(trainer, attribute) for attribute in settings} == settings, trainer.__name__
+
+
+def test_the_short_budget_default_trains_as_the_ablations_both_removals_variant():
+    from nnunet_ext.trainers import (
+        MeanTeacherContinuityTrainer_ema99,
+        MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
+    )
+
+    for attribute in ("ema_alpha", "temperature", "confidence_threshold", "confidence_temperature",
+                      "consistency_weight", "continuity_weight", "continuity_across_edges", "rampup_fraction",
+                      "perturbed_network", "random_patch_fraction"):
+        assert getattr(MeanTeacherContinuityTrainer_ema99, attribute) == \
+            getattr(MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb, attribute), attribute
 
 
 def test_short_budget_variants_change_only_the_ema_decay():
@@ -43,11 +71,10 @@ def test_short_budget_variants_change_only_the_ema_decay():
 
 def test_ablation_variants_change_only_their_hypothesis():
     from nnunet_ext.trainers import (
-        MeanTeacherContinuityTrainer_ema99,
         MeanTeacherContinuityTrainer_ema99_fixed,
         MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
         MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
-        MeanTeacherTrainer_ema99,
+        MeanTeacherContinuityTrainer_ema99_paperloss,
         MeanTeacherTrainer_ema99_cleansup,
         MeanTeacherTrainer_ema99_fixed,
         MeanTeacherTrainer_ema99_fixed_noperturb,
@@ -55,16 +82,17 @@ def test_ablation_variants_change_only_their_hypothesis():
         MeanTeacherTrainer_ema99_fixed_twoviews,
         MeanTeacherTrainer_ema99_lambda1,
         MeanTeacherTrainer_ema99_nossl,
+        MeanTeacherTrainer_ema99_paperloss,
         MeanTeacherTrainer_ema99_rawconf,
     )
 
     fixed = {"consistency_weight": 1.0, "confidence_temperature": 1.0, "perturbed_network": "teacher"}
     for variant, base, changes in [
-            (MeanTeacherTrainer_ema99_nossl, MeanTeacherTrainer_ema99, {"consistency_weight": 0.0}),
-            (MeanTeacherTrainer_ema99_lambda1, MeanTeacherTrainer_ema99, {"consistency_weight": 1.0}),
-            (MeanTeacherTrainer_ema99_rawconf, MeanTeacherTrainer_ema99, {"confidence_temperature": 1.0}),
-            (MeanTeacherTrainer_ema99_cleansup, MeanTeacherTrainer_ema99, {"perturbed_network": "teacher"}),
-            (MeanTeacherTrainer_ema99_fixed, MeanTeacherTrainer_ema99, fixed),
+            (MeanTeacherTrainer_ema99_nossl, MeanTeacherTrainer_ema99_paperloss, {"consistency_weight": 0.0}),
+            (MeanTeacherTrainer_ema99_lambda1, MeanTeacherTrainer_ema99_paperloss, {"consistency_weight": 1.0}),
+            (MeanTeacherTrainer_ema99_rawconf, MeanTeacherTrainer_ema99_paperloss, {"confidence_temperature": 1.0}),
+            (MeanTeacherTrainer_ema99_cleansup, MeanTeacherTrainer_ema99_paperloss, {"perturbed_network": "teacher"}),
+            (MeanTeacherTrainer_ema99_fixed, MeanTeacherTrainer_ema99_paperloss, fixed),
             (MeanTeacherTrainer_ema99_fixed_nossl, MeanTeacherTrainer_ema99_fixed, {"consistency_weight": 0.0}),
             (MeanTeacherTrainer_ema99_fixed_noperturb, MeanTeacherTrainer_ema99_fixed, {"perturbed_network": "none"}),
             (MeanTeacherTrainer_ema99_fixed_twoviews, MeanTeacherTrainer_ema99_fixed,
@@ -79,12 +107,13 @@ def test_ablation_variants_change_only_their_hypothesis():
         assert {k: v for k, v in vars(variant).items() if not k.startswith("__")} == changes
 
 
-def test_paper_variants_change_only_the_optimizer(build_in_process):
+def test_paper_variants_change_the_optimizer_and_the_loss_settings(build_in_process):
     from nnunet_ext.trainers import MeanTeacherContinuityTrainer_paper, MeanTeacherTrainer_paper
 
-    for variant, base in [(MeanTeacherTrainer_paper, MeanTeacherTrainer),
-                          (MeanTeacherContinuityTrainer_paper, MeanTeacherContinuityTrainer)]:
-        assert issubclass(variant, base) and {k for k in vars(variant) if not k.startswith("__")} == set()
+    for variant, base, own in [(MeanTeacherTrainer_paper, MeanTeacherTrainer, set()),
+                               (MeanTeacherContinuityTrainer_paper, MeanTeacherContinuityTrainer,
+                                {"continuity_weight"})]:
+        assert issubclass(variant, base) and {k for k in vars(variant) if not k.startswith("__")} == own
     trainer = build_in_process(MeanTeacherContinuityTrainer_paper)
     assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.initial_lr == 1e-4
     assert trainer.continuity_weight == 10.0 and trainer.confidence_temperature is None
@@ -196,7 +225,7 @@ def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
                                                             "/fold_0"))
     log = "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
     assert "continuity loss along preprocessed axis 0 (dataset.json annotation_axis=0" in log
-    assert "'consistency_weight': 10.0" in log and "'continuity_weight': 10.0" in log
+    assert "'consistency_weight': 1.0" in log and "'continuity_weight': 1.0" in log
     assert log.count("loss_sup ") == 2 and "passed_fraction" in log  # one SSL line per epoch
     assert (fold / "ssl_progress.png").is_file() and (fold / "progress.png").is_file()
 

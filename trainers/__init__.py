@@ -5,9 +5,11 @@ from nnunet_ext.trainers.demo import MeanTeacherContinuityTrainer_demo, nnUNetTr
 from nnunet_ext.trainers.mean_teacher import (
     MeanTeacherContinuityTrainer,
     MeanTeacherContinuityTrainer_ema99,
+    MeanTeacherContinuityTrainer_ema99_paperloss,
     MeanTeacherContinuityTrainer_paper,
     MeanTeacherTrainer,
     MeanTeacherTrainer_ema99,
+    MeanTeacherTrainer_ema99_paperloss,
     MeanTeacherTrainer_paper,
 )
 from nnunet_ext.trainers.mean_teacher_ablation import (
@@ -41,6 +43,8 @@ __all__ = [
     "MeanTeacherContinuityTrainer_ema99",
     "MeanTeacherTrainer_paper",
     "MeanTeacherContinuityTrainer_paper",
+    "MeanTeacherTrainer_ema99_paperloss",
+    "MeanTeacherContinuityTrainer_ema99_paperloss",
     "MeanTeacherTrainer_ema99_nossl",
     "MeanTeacherTrainer_ema99_lambda1",
     "MeanTeacherTrainer_ema99_rawconf",

@@ -17,10 +17,12 @@ from nnunet_ext.trainers.pseudo_label import PseudoLabelWeightedTrainer
 class MeanTeacherContinuityPseudoLabelTrainer(PseudoLabelWeightedTrainer, MeanTeacherContinuityTrainer):
     """PseudoLabelWeightedTrainer's L_sup + alpha L_p, plus Mean-Teacher consistency and axial continuity."""
 
+    # The ablation's `_fixed` settings it was measured with (MeanTeacherContinuityTrainer's defaults came later).
     consistency_weight = 1.0
     continuity_weight = 1.0
     confidence_temperature = 1.0
     perturbed_network = "teacher"
+    continuity_across_edges = True
     ssl_log_keys = MeanTeacherContinuityTrainer.ssl_log_keys + ("loss_pseudo", "pseudo_fraction",
                                                                   "mean_pseudo_weight")
 
