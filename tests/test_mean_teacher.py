@@ -97,7 +97,7 @@ def test_ablation_variants_change_only_their_hypothesis():
             (MeanTeacherTrainer_ema99_fixed_noperturb, MeanTeacherTrainer_ema99_fixed, {"perturbed_network": "none"}),
             (MeanTeacherTrainer_ema99_fixed_twoviews, MeanTeacherTrainer_ema99_fixed,
              {"perturbed_network": "student_consistency"}),
-            (MeanTeacherContinuityTrainer_ema99_fixed, MeanTeacherContinuityTrainer_ema99,
+            (MeanTeacherContinuityTrainer_ema99_fixed, MeanTeacherContinuityTrainer_ema99_paperloss,
              {**fixed, "continuity_weight": 1.0}),
             (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, MeanTeacherContinuityTrainer_ema99_fixed,
              {"continuity_across_edges": False}),
