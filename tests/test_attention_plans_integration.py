@@ -60,7 +60,7 @@ def test_too_many_attention_stages_is_one_error_line(tiny_dataset):
 
 
 def test_mean_teacher_continuity_trains_the_attention_network(tiny_env, build_in_process):
-    """The paper's full method: the student and its EMA teacher both carry the attention blocks."""
+    """Mean Teacher + continuity on attention plans: the student and its EMA teacher both carry the attention blocks."""
     derive_attention_plans(tiny_env.dataset_id, "nnUNetPlans_tiny", "nnUNetPlans_tiny_axialattn_mt")
     trainer = build_in_process(MeanTeacherContinuityTrainer, "nnUNetPlans_tiny_axialattn_mt")
     trainer.current_epoch = trainer.num_epochs // 2  # both SSL losses at full weight
