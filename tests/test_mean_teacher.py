@@ -28,14 +28,14 @@ def test_defaults_are_the_ablations_and_paper_variants_keep_the_papers_loss_sett
     )
 
     assert MeanTeacherTrainer.continuity_weight == 0.0
-    shared = [("ema_alpha", 0.999), ("temperature", 0.5), ("confidence_threshold", 0.8), ("rampup_fraction", 0.2),
-              ("random_patch_fraction", 0.5)]
+    shared = {"ema_alpha": 0.999, "temperature": 0.5, "confidence_threshold": 0.8, "rampup_fraction": 0.2,
+              "random_patch_fraction": 0.5}
     ours = {"consistency_weight": 1.0, "continuity_weight": 1.0, "confidence_temperature": 1.0,
             "perturbed_network": "none", "continuity_across_edges": False}
     paper = {"consistency_weight": 10.0, "continuity_weight": 10.0, "confidence_temperature": None,
              "perturbed_network": "student", "continuity_across_edges": True}
-    for trainer, settings in [(MeanTeacherContinuityTrainer, {**dict(shared), **ours}),
-                              (MeanTeacherContinuityTrainer_paper, {**dict(shared), **paper}),
+    for trainer, settings in [(MeanTeacherContinuityTrainer, {**shared, **ours}),
+                              (MeanTeacherContinuityTrainer_paper, {**shared, **paper}),
                               (MeanTeacherContinuityTrainer_ema99_paperloss, {**paper, "ema_alpha": 0.99}),
                               (MeanTeacherTrainer_paper, {**paper, "continuity_weight": 0.0}),
                               (MeanTeacherTrainer_ema99_paperloss, {**paper, "continuity_weight": 0.0})]:
