@@ -73,6 +73,13 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
     return TinyDataset(root=root, env=env, dataset_id=TINY_DATASET_ID, raw=raw)
 
 
+@pytest.fixture(scope="session")
+def tiny_dataset_2d(tiny_dataset) -> TinyDataset:
+    """The tiny dataset also preprocessed for nnU-Net's 2d configuration (its slices are the annotation axis's)."""
+    cli("nnUNetv2_preprocess", "-d", str(tiny_dataset.dataset_id), "-c", "2d", "-np", "1", env=tiny_dataset.env)
+    return tiny_dataset
+
+
 @dataclass
 class TrainedModel:
     trainer: str

@@ -158,6 +158,19 @@ def test_an_ensemble_arm_brings_its_members_and_is_paired_with_stock():
     assert settings.reference_of("MeanTeacherTrainer@2d+3d_fullres") == "nnUNetTrainer"
 
 
+def test_an_arm_on_another_configuration_is_paired_with_stock_on_that_configuration():
+    # --no-2d leaves stock 2d out as a reference, but a 2d arm of ours still needs it to be paired with.
+    settings = BenchmarkSettings(trainers=["MeanTeacherTrainer@2d", "MeanTeacherTrainer@2d@attention"],
+                                 reference_2d=False)
+    assert settings.trainers == ["nnUNetTrainer", "nnUNetTrainer@2d", "MeanTeacherTrainer@2d",
+                                 "nnUNetTrainer@attention", "nnUNetTrainer@2d@attention",
+                                 "MeanTeacherTrainer@2d@attention"]
+    assert settings.reference_of("MeanTeacherTrainer@2d") == "nnUNetTrainer@2d"
+    assert settings.reference_of("MeanTeacherTrainer@2d@attention") == "nnUNetTrainer@2d@attention"
+    # Stock on another configuration stays paired with stock on the benchmark's own: what the configuration changes.
+    assert settings.reference_of("nnUNetTrainer@2d@attention") == "nnUNetTrainer@attention"
+
+
 def test_the_ensemble_trainer_brings_both_stock_arms_it_learns_from():
     settings = BenchmarkSettings(trainers=["PseudoLabelEnsembleTrainer"], reference_2d=False)
     assert settings.trainers == ["nnUNetTrainer", "nnUNetTrainer@2d", "PseudoLabelEnsembleTrainer"]

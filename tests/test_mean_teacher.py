@@ -17,6 +17,7 @@ from nnunet_ext.trainers.semi_supervised_base import first_output
 
 pytestmark = pytest.mark.integration
 TRAINER = "MeanTeacherContinuityTrainer_exttest_noval"  # final validation: the dense benchmark test runs MT's
+IGNORE = 3  # the tiny dataset's ignore label
 
 
 def test_defaults_are_the_ablations_and_paper_variants_keep_the_papers_loss_settings():
@@ -254,6 +255,42 @@ def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
     assert resumed["ema_step"] == 3 * best_epoch + 3 * (2 - best_epoch)
     log = "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
     assert log.count("loss_sup ") == 2 + (2 - best_epoch)
+
+
+def test_on_the_2d_configuration_patches_reach_the_unannotated_slices_stock_never_sees(tiny_dataset_2d,
+                                                                                         build_in_process):
+    def unannotated_slices(trainer_class) -> tuple[int, int]:
+        trainer = build_in_process(trainer_class, configuration="2d")
+        targets = torch.cat([first_output(b["target"]) for b in draw_batches(trainer, 10)])
+        # Each 2d patch is one slice along the annotation axis: dense, or ignore everywhere but padding.
+        return int((targets == IGNORE).flatten(1).any(1).sum()), len(targets)
+
+    # Stock centres its patches on annotated voxels or on foreground, which only the annotated slices hold.
+    assert unannotated_slices(nnUNetTrainer)[0] == 0
+    # Half of ours are centred on a random voxel, 3 in 4 of which lie on an unannotated slice (every 4th annotated).
+    unannotated, patches = unannotated_slices(MeanTeacherTrainer)
+    assert 0 < unannotated < patches
+
+
+def test_continuity_on_the_2d_configuration_is_refused_with_the_fix(tiny_dataset_2d, build_in_process):
+    with pytest.raises(RuntimeError, match="slicing axis of the 2d configuration.*use MeanTeacherTrainer"):
+        build_in_process(MeanTeacherContinuityTrainer, configuration="2d")
+
+
+def test_mean_teacher_trains_and_predicts_the_2d_configuration_through_the_real_clis(tiny_dataset_2d):
+    env, ds = train_env(tiny_dataset_2d.env), str(tiny_dataset_2d.dataset_id)
+    trainer = "MeanTeacherTrainer_exttest_noval"
+    cli("nnUNetv2_train", ds, "2d", "0", "-tr", trainer, "-p", "nnUNetPlans_tiny", "-device", "cpu", env=env)
+    fold = next((tiny_dataset_2d.root / "nnUNet_results").glob(f"Dataset007_*/{trainer}__nnUNetPlans_tiny__2d/fold_0"))
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["ema_step"] == 6 and final["network_weights"].keys() == final["student_weights"].keys()
+    out = tiny_dataset_2d.root / "predictions_mt_2d"
+    cli("nnUNetv2_predict", "-i", str(tiny_dataset_2d.raw / "imagesTs"), "-o", str(out), "-d", ds, "-c", "2d",
+        "-f", "0", "-tr", trainer, "-p", "nnUNetPlans_tiny", "-device", "cpu", "-npp", "0", "-nps", "0",
+        env=tiny_dataset_2d.env)
+    (prediction,) = out.glob("*.nii.gz")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
+    assert array.shape == TINY_SHAPE and set(np.unique(array)) <= {0, 1, 2}
 
 
 @pytest.fixture

@@ -52,12 +52,10 @@ def read_log(fold_folder) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained_2d(tiny_dataset) -> str:
-    """The 2D source model of fold 0 (test budget), preprocessed and trained through the real CLIs; its trainer."""
-    ds = str(tiny_dataset.dataset_id)
-    cli("nnUNetv2_preprocess", "-d", ds, "-c", "2d", "-np", "1", env=tiny_dataset.env)
-    cli("nnUNetv2_train", ds, "2d", "0", "-tr", MODEL_2D, "-p", PLANS, "-device", "cpu",
-        env=train_env(tiny_dataset.env))
+def trained_2d(tiny_dataset_2d) -> str:
+    """The 2D source model of fold 0 (test budget), trained through the real CLI; its trainer."""
+    cli("nnUNetv2_train", str(tiny_dataset_2d.dataset_id), "2d", "0", "-tr", MODEL_2D, "-p", PLANS, "-device", "cpu",
+        env=train_env(tiny_dataset_2d.env))
     return MODEL_2D
 
 

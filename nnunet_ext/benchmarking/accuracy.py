@@ -182,7 +182,12 @@ class BenchmarkSettings:
             # An unknown name fails here, not inside nnU-Net's trainer search.
             trainer_class = find_trainer_class(arm.trainer, search_ext_folders=False)
             needed = [Arm(REFERENCE, self.configuration, arm.plans)]
-            needed += [replace(arm, configuration=c) for c in self.ensemble_members_of(arm)]
+            members = [replace(arm, configuration=c) for c in self.ensemble_members_of(arm)]
+            for paired in members + [arm]:  # stock on an arm's own configuration, e.g. nnUNetTrainer@2d
+                reference = self.reference_of(self.arm_name(paired))
+                if reference is not None:
+                    needed.append(self.parse_arm(reference))
+            needed += members
             if issubclass(trainer_class, PseudoLabelWeightedTrainer):
                 needed += [Arm(REFERENCE, configuration, arm.plans)
                            for configuration in source_configurations(trainer_class.pseudo_label_source)]
@@ -215,13 +220,18 @@ class BenchmarkSettings:
         return plans or self.plans_identifier
 
     def reference_of(self, arm: str) -> str | None:
-        """The stock arm ``arm`` is paired with: stock on the same plans (stock on other plans: stock on the base
-        plans, which shows what the network alone changes); None for stock on the base plans."""
+        """The stock arm ``arm`` is paired with: stock on the same configuration and plans (stock itself on another
+        configuration or plans, and an ensemble: stock on the benchmark's own, which shows what the configuration or
+        the network alone changes); None for stock on the benchmark's configuration and base plans."""
         parsed = self.parse_arm(arm)
-        same_plans = self.arm_name(Arm(REFERENCE, self.configuration, parsed.plans))
-        if arm != same_plans:
-            return same_plans
-        return None if not parsed.plans else REFERENCE
+        own_configuration = parsed.trainer != REFERENCE and not self.ensemble_members_of(parsed)
+        configuration = parsed.configuration if own_configuration else self.configuration
+        reference = self.arm_name(Arm(REFERENCE, configuration, parsed.plans))
+        if self.arm_name(parsed) != reference:
+            return reference
+        if parsed.plans or parsed.configuration != self.configuration:
+            return REFERENCE
+        return None
 
     @property
     def configurations(self) -> list[str]:
@@ -833,7 +843,8 @@ def _markdown(results: list[dict], failures: list[dict], settings: BenchmarkSett
              f"{s.epochs} epochs x {s.iterations} iterations per run, base plans `{s.plans_identifier}` "
              f"({s.configuration}), device {s.device}, seeds {', '.join(map(str, s.seeds))}. Dice = mean over "
              f"foreground classes; mean ± std over seeds; minutes = wall time per run. Δ = arm − its reference "
-             f"(stock nnU-Net on the same plans; for stock on other plans, stock on the base plans) on the same "
+             f"(stock nnU-Net on the same configuration and plans; for stock on others and ensembles, stock on "
+             f"{s.configuration} and the base plans) on the same "
              f"(seed, case) pairs: mean ± std, wins, Wilcoxon p (≥ 6 pairs).", ""]
     header = ("| arm | runs | Dice test volumes | Dice unannotated slices | Dice annotated slices | minutes | "
               "reference | Δ Dice test | Δ Dice unannotated |")
@@ -882,7 +893,8 @@ def _best_stock_lines(by_arm: dict[str, list[dict]], settings: BenchmarkSettings
         best, runner_up, *others = ranked(stock)
         lines.append(f"Better stock configuration: {describe(best)}; " +
                      "; ".join(f"{describe(arm)}" for arm in [runner_up, *others]) + ".")
-        # The ranking is by mean unannotated Dice alone: show whether the lead holds pair by pair and on the test volumes.
+        # The ranking is by mean unannotated Dice alone: show whether the lead holds pair by pair and on the test
+        # volumes.
         level = [r for arm in (best, runner_up) for r in by_arm[arm]]
         sparsity = level[0]["sparsity"]
         lines.append(f"`{best}` − `{runner_up}` on the same pairs: Dice unannotated slices " +
