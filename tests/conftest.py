@@ -6,7 +6,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from nnunet_ext.nnunet_paths import EXT_TRAINER_VAR, NNUNET_FOLDERS, ext_trainer_value
 
@@ -78,6 +80,18 @@ def tiny_dataset_2d(tiny_dataset) -> TinyDataset:
     """The tiny dataset also preprocessed for nnU-Net's 2d configuration (its slices are the annotation axis's)."""
     cli("nnUNetv2_preprocess", "-d", str(tiny_dataset.dataset_id), "-c", "2d", "-np", "1", env=tiny_dataset.env)
     return tiny_dataset
+
+
+def assert_predicts_the_test_volume(tiny_dataset: TinyDataset, trainer: str, configuration: str = "3d_fullres",
+                                    plans: str = "nnUNetPlans_tiny") -> None:
+    """nnUNetv2_predict with the trained fold 0 writes a label map of the test volume's shape and classes."""
+    out = tiny_dataset.root / f"predictions_{trainer}__{plans}__{configuration}"
+    cli("nnUNetv2_predict", "-i", str(tiny_dataset.raw / "imagesTs"), "-o", str(out), "-d",
+        str(tiny_dataset.dataset_id), "-c", configuration, "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu",
+        "-npp", "0", "-nps", "0", env=tiny_dataset.env)
+    (prediction,) = out.glob("*.nii.gz")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
+    assert array.shape == TINY_SHAPE and set(np.unique(array)) <= {0, 1, 2}
 
 
 @dataclass

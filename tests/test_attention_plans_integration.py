@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
-from conftest import TINY_SHAPE, cli, train_env
+from conftest import assert_predicts_the_test_volume, cli, train_env
 
 from nnunet_ext.architectures import AxialAttentionPlainConvUNet, SequentialAxialAttention
 from nnunet_ext.plans import derive_attention_plans
@@ -42,12 +41,7 @@ def test_stock_trainer_trains_and_predicts_with_attention_plans(tiny_dataset):
     assert "decoder.gates.1.psi.weight" in weights and "decoder.attention.1.out.weight" not in weights
     assert weights["decoder.attention.0.out.weight"].abs().sum() > 0  # trained away from its zero start
 
-    out = tiny_dataset.root / "predictions_axialattn"
-    cli("nnUNetv2_predict", "-i", str(tiny_dataset.raw / "imagesTs"), "-o", str(out), "-d", ds, "-c", "3d_fullres",
-        "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "-npp", "0", "-nps", "0", env=env)
-    (prediction,) = out.glob("*.nii.gz")
-    array = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
-    assert array.shape == TINY_SHAPE and set(np.unique(array)) <= {0, 1, 2}
+    assert_predicts_the_test_volume(tiny_dataset, TRAINER, plans=PLANS)
 
 
 def test_too_many_attention_stages_is_one_error_line(tiny_dataset):

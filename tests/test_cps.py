@@ -7,11 +7,10 @@ import os
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_DATASET_ID, TINY_SHAPE, cli, train_env
+from conftest import TINY_DATASET_ID, assert_predicts_the_test_volume, cli, train_env
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -40,16 +39,6 @@ def results_folder(tiny_dataset, trainer: str):
                                                             "/fold_0"))
 
 
-def predict(tiny_dataset, trainer: str):
-    out = tiny_dataset.root / f"predictions_{trainer}"
-    cli("nnUNetv2_predict", "-i", str(tiny_dataset.raw / "imagesTs"), "-o", str(out), "-d",
-        str(tiny_dataset.dataset_id), "-c", "3d_fullres", "-f", "0", "-tr", trainer, "-p", "nnUNetPlans_tiny",
-        "-device", "cpu", "-npp", "0", "-nps", "0", env=tiny_dataset.env)
-    (prediction,) = out.glob("*.nii.gz")
-    array = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
-    assert array.shape == TINY_SHAPE and set(np.unique(array)) <= {0, 1, 2}
-
-
 def read_log(fold) -> str:
     return "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
 
@@ -74,7 +63,7 @@ def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
     assert all(torch.equal(final["network_weights"][k], v) for k, v in branches[chosen].items())
     assert any(not torch.equal(branches["a"][k], branches["b"][k]) for k in branches["a"])
     assert final["cps_optimizer_b_state"]["state"] and final["optimizer_state"]["state"]
-    predict(tiny_dataset, TRAINER)
+    assert_predicts_the_test_volume(tiny_dataset, TRAINER)
 
     # Resume: without the final checkpoint, --c continues from checkpoint_best.
     (fold / "checkpoint_final.pth").unlink()
@@ -97,7 +86,7 @@ def test_ensemble_trains_and_predicts_through_the_real_clis(tiny_dataset):
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], v) for k, v in expected.items())
     assert "network_weights: ensemble" in read_log(fold)
-    predict(tiny_dataset, ENSEMBLE)
+    assert_predicts_the_test_volume(tiny_dataset, ENSEMBLE)
 
 
 # ------------------------------------------------------------------------------------------------ in-process checks

@@ -3,11 +3,9 @@
 import copy
 import json
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
-from conftest import TINY_SHAPE, cli, train_env
+from conftest import assert_predicts_the_test_volume, cli, train_env
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.semi_supervised import unwrap
@@ -218,17 +216,6 @@ def test_an_unknown_perturbed_network_is_refused(build_in_process):
         build_in_process(variant)
 
 
-def assert_predicts_the_test_volume(tiny_dataset, configuration: str, trainer: str) -> None:
-    """nnUNetv2_predict with the trained fold 0 writes a label map of the test volume's shape and classes."""
-    out = tiny_dataset.root / f"predictions_{trainer}_{configuration}"
-    cli("nnUNetv2_predict", "-i", str(tiny_dataset.raw / "imagesTs"), "-o", str(out), "-d",
-        str(tiny_dataset.dataset_id), "-c", configuration, "-f", "0", "-tr", trainer, "-p", "nnUNetPlans_tiny",
-        "-device", "cpu", "-npp", "0", "-nps", "0", env=tiny_dataset.env)
-    (prediction,) = out.glob("*.nii.gz")
-    array = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
-    assert array.shape == TINY_SHAPE and set(np.unique(array)) <= {0, 1, 2}
-
-
 def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
     env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
     args = [ds, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnUNetPlans_tiny", "-device", "cpu"]
@@ -249,7 +236,7 @@ def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
     assert final["ema_step"] == 6
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
 
-    assert_predicts_the_test_volume(tiny_dataset, "3d_fullres", TRAINER)
+    assert_predicts_the_test_volume(tiny_dataset, TRAINER)
 
     # Resume: without the final checkpoint, --c continues from checkpoint_best (saved after epoch 0).
     (fold / "checkpoint_final.pth").unlink()
@@ -289,7 +276,7 @@ def test_mean_teacher_trains_and_predicts_the_2d_configuration_through_the_real_
     fold = next((tiny_dataset_2d.root / "nnUNet_results").glob(f"Dataset007_*/{trainer}__nnUNetPlans_tiny__2d/fold_0"))
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["ema_step"] == 6 and final["network_weights"].keys() == final["student_weights"].keys()
-    assert_predicts_the_test_volume(tiny_dataset_2d, "2d", trainer)
+    assert_predicts_the_test_volume(tiny_dataset_2d, trainer, "2d")
 
 
 @pytest.fixture

@@ -13,11 +13,10 @@ import json
 import blosc2
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
-from conftest import TINY_SHAPE, cli, train_env
+from conftest import assert_predicts_the_test_volume, cli, train_env
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -107,12 +106,7 @@ def test_2d_training_pseudolabels_3d_training_and_prediction_through_the_clis(ti
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["trainer_name"] == trainer and final["current_epoch"] == 2
 
-    out = tiny_dataset.root / "predictions_pseudo"
-    cli("nnUNetv2_predict", "-i", str(tiny_dataset.raw / "imagesTs"), "-o", str(out), "-d", ds, "-c", "3d_fullres",
-        "-f", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", "-npp", "0", "-nps", "0", env=tiny_dataset.env)
-    (prediction,) = out.glob("*.nii.gz")
-    array = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
-    assert array.shape == TINY_SHAPE and set(np.unique(array)) <= {0, 1, 2}
+    assert_predicts_the_test_volume(tiny_dataset, trainer, plans=PLANS)
 
 
 def test_self_training_from_stock_3d_fullres_through_the_clis(tiny_dataset, trained_stock):
