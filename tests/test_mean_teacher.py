@@ -74,6 +74,8 @@ def test_ablation_variants_change_only_their_hypothesis():
         MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
         MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
         MeanTeacherContinuityTrainer_ema99_paperloss,
+        MeanTeacherTrainer_ema99,
+        MeanTeacherTrainer_ema99_addedpatches,
         MeanTeacherTrainer_ema99_cleansup,
         MeanTeacherTrainer_ema99_fixed,
         MeanTeacherTrainer_ema99_fixed_noperturb,
@@ -101,7 +103,9 @@ def test_ablation_variants_change_only_their_hypothesis():
             (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, MeanTeacherContinuityTrainer_ema99_fixed,
              {"continuity_across_edges": False}),
             (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
-             MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, {"perturbed_network": "none"})]:
+             MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, {"perturbed_network": "none"}),
+            (MeanTeacherTrainer_ema99_addedpatches, MeanTeacherTrainer_ema99,
+             {"random_patch_fraction": 0.0, "added_random_patches": 1.0})]:
         assert variant.__bases__ == (base,)
         assert {k: v for k, v in vars(variant).items() if not k.startswith("__")} == changes
 
@@ -262,6 +266,45 @@ def test_on_the_2d_configuration_patches_reach_the_unannotated_slices_stock_neve
     # Half of ours are centred on a random voxel, 3 in 4 of which lie on an unannotated slice (every 4th annotated).
     unannotated, patches = unannotated_slices(MeanTeacherTrainer)
     assert 0 < unannotated < patches
+
+
+def test_added_random_patches_precede_stocks_batch_which_alone_the_supervised_loss_sees(tiny_dataset_2d,
+                                                                                       build_in_process):
+    from nnunet_ext.trainers import MeanTeacherTrainer_ema99_addedpatches
+
+    trainer = build_in_process(MeanTeacherTrainer_ema99_addedpatches, configuration="2d")
+    # Tiny plans: batch 2, one of them foreground-oversampled; as many random patches again go in front.
+    assert (trainer.batch_size, trainer.added_patches, trainer.supervised_batch_size) == (4, 2, 2)
+    batches = draw_batches(trainer, 10)
+    has_ignore = torch.stack([(first_output(b["target"]) == IGNORE).flatten(1).any(1) for b in batches])
+    assert not has_ignore[:, 2:].any()  # stock's two patches: annotated slices only, as stock samples them
+    assert has_ignore[:, :2].any()  # 3 in 4 random slices are unannotated
+
+    seen = {}
+    supervised = trainer.loss
+
+    def recording_supervised(output, target):
+        seen["output"], seen["target"] = output, target
+        return supervised(output, target)
+
+    trainer.loss = recording_supervised
+    batch = batches[0]
+    trainer.train_step(batch)
+    assert [len(o) for o in seen["output"]] == [2] * len(seen["output"])
+    for got, expected in zip(seen["target"], batch["target"], strict=True):
+        assert torch.equal(got, expected[2:])
+
+
+def test_added_random_patches_with_probabilistic_oversampling_are_refused(build_in_process):
+    from nnunet_ext.trainers import MeanTeacherTrainer_ema99_addedpatches
+
+    class ProbabilisticVariant(MeanTeacherTrainer_ema99_addedpatches):
+        def initialize(self):
+            self.probabilistic_oversampling = True  # nnU-Net sets it in __init__, read by initialize
+            super().initialize()
+
+    with pytest.raises(RuntimeError, match="set probabilistic_oversampling = False or added_random_patches = 0"):
+        build_in_process(ProbabilisticVariant)
 
 
 def test_continuity_on_the_2d_configuration_is_refused_with_the_fix(tiny_dataset_2d, build_in_process):

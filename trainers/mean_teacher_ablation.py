@@ -4,6 +4,7 @@ hypothesis. What it found became the defaults of MeanTeacherTrainer / MeanTeache
 
 from nnunet_ext.trainers.mean_teacher import (
     MeanTeacherContinuityTrainer_ema99_paperloss,
+    MeanTeacherTrainer_ema99,
     MeanTeacherTrainer_ema99_paperloss,
 )
 
@@ -82,3 +83,12 @@ class MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb(MeanTeacherCo
     on gala_fibsem): the flagship with nothing measured to cost it."""
 
     perturbed_network = "none"
+
+
+class MeanTeacherTrainer_ema99_addedpatches(MeanTeacherTrainer_ema99):
+    """MeanTeacherTrainer_ema99 with its random-voxel patches *added* to nnU-Net's batch (as many again) instead of
+    replacing half of it: the supervised loss sees exactly stock's batch, the consistency term every patch (on 2d,
+    replacing half the batch by mostly unannotated slices halves the supervised patches)."""
+
+    random_patch_fraction = 0.0
+    added_random_patches = 1.0

@@ -13,7 +13,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch import distributed as dist
 
-from nnunet_ext.sampling import UniformPatchMixDataset, load_probability
+from nnunet_ext.sampling import AddedRandomPatchesDataset, UniformPatchMixDataset, load_probability, with_added_patches
 from nnunet_ext.semi_supervised import unwrap
 
 
@@ -27,6 +27,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     # Share of training patches centred on a uniformly random voxel of a random case (the rest: nnU-Net's sampling).
     random_patch_fraction: float = 0.5
+    # Patches centred on a uniformly random voxel added in front of each batch, as a fraction of nnU-Net's batch size
+    # (0: none). Trainers that compute their supervised loss on ``supervised_part`` keep stock's supervised batch.
+    added_random_patches: float = 0.0
     # Per-epoch means of these train_step outputs are logged, printed and plotted to ssl_progress.png.
     ssl_log_keys: tuple[str, ...] = ()
     # Keys a subclass logs itself in on_validation_epoch_end; registered and plotted with the ones above.
@@ -51,15 +54,35 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def hyperparameters(self) -> dict:
         """The class attributes that define the method (logged at start)."""
-        return {"random_patch_fraction": self.random_patch_fraction}
+        return {"random_patch_fraction": self.random_patch_fraction, "added_random_patches": self.added_random_patches}
 
     # ---- data
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()  # this rank's share of the plans' batch under DDP
+        self.supervised_batch_size = self.batch_size
+        self.supervised_oversample_percent = self.oversample_foreground_percent
+        self.added_patches = round(self.added_random_patches * self.batch_size)
+        if self.added_patches and self.probabilistic_oversampling:
+            raise RuntimeError(f"{type(self).__name__}: added_random_patches needs nnU-Net's oversampling of the last "
+                               f"samples of a batch; set probabilistic_oversampling = False or added_random_patches = 0")
+        self.batch_size, self.oversample_foreground_percent = with_added_patches(
+            self.batch_size, self.oversample_foreground_percent, self.added_patches)
+
     def get_tr_and_val_datasets(self):
         train, val = super().get_tr_and_val_datasets()
-        probability = load_probability(self.random_patch_fraction, self.batch_size,
-                                       self.oversample_foreground_percent)
         annotated_key = tuple([-1] + self.label_manager.all_labels)  # nnUNetDataLoader.annotated_classes_key
-        return UniformPatchMixDataset(train, annotated_key, probability), val
+        probability = load_probability(self.random_patch_fraction, self.supervised_batch_size,
+                                       self.supervised_oversample_percent)
+        train = UniformPatchMixDataset(train, annotated_key, probability)
+        if self.added_patches:
+            train = AddedRandomPatchesDataset(train, annotated_key, self.batch_size, self.added_patches)
+        return train, val
+
+    def supervised_part(self, batch_part):
+        """A batch's data, target or output (a deep-supervision list too) without the added random patches."""
+        if isinstance(batch_part, (list, tuple)):
+            return [self.supervised_part(b) for b in batch_part]
+        return batch_part[self.added_patches:]
 
     def batch_to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
         """A training batch's data and target on the trainer's device; a deep-supervision target stays a list."""
