@@ -70,12 +70,15 @@ def test_short_budget_variants_change_only_the_ema_decay():
 
 def test_ablation_variants_change_only_their_hypothesis():
     from nnunet_ext.trainers import (
+        MeanTeacherContinuityTrainer_ema99,
+        MeanTeacherContinuityTrainer_ema99_addedpatches,
         MeanTeacherContinuityTrainer_ema99_fixed,
         MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
         MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
         MeanTeacherContinuityTrainer_ema99_paperloss,
         MeanTeacherTrainer_ema99,
         MeanTeacherTrainer_ema99_addedpatches,
+        MeanTeacherTrainer_ema99_addedpatches_twoviews,
         MeanTeacherTrainer_ema99_cleansup,
         MeanTeacherTrainer_ema99_fixed,
         MeanTeacherTrainer_ema99_fixed_noperturb,
@@ -104,10 +107,14 @@ def test_ablation_variants_change_only_their_hypothesis():
              {"continuity_across_edges": False}),
             (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
              MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, {"perturbed_network": "none"}),
-            (MeanTeacherTrainer_ema99_addedpatches, MeanTeacherTrainer_ema99,
-             {"random_patch_fraction": 0.0, "added_random_patches": 1.0})]:
+            (MeanTeacherTrainer_ema99_addedpatches_twoviews, MeanTeacherTrainer_ema99_addedpatches,
+             {"perturbed_network": "student_consistency"})]:
         assert variant.__bases__ == (base,)
         assert {k: v for k, v in vars(variant).items() if not k.startswith("__")} == changes
+    for variant, base in [(MeanTeacherTrainer_ema99_addedpatches, MeanTeacherTrainer_ema99),
+                          (MeanTeacherContinuityTrainer_ema99_addedpatches, MeanTeacherContinuityTrainer_ema99)]:
+        assert issubclass(variant, base) and {k for k in vars(variant) if not k.startswith("__")} == set()
+        assert (variant.random_patch_fraction, variant.added_random_patches) == (0.0, 1.0)
 
 
 def test_paper_variants_change_the_optimizer_and_the_loss_settings(build_in_process):
@@ -268,11 +275,13 @@ def test_on_the_2d_configuration_patches_reach_the_unannotated_slices_stock_neve
     assert 0 < unannotated < patches
 
 
-def test_added_random_patches_precede_stocks_batch_which_alone_the_supervised_loss_sees(tiny_dataset_2d,
+@pytest.mark.parametrize("variant", ["MeanTeacherTrainer_ema99_addedpatches",
+                                     "MeanTeacherTrainer_ema99_addedpatches_twoviews"])
+def test_added_random_patches_precede_stocks_batch_which_alone_the_supervised_loss_sees(variant, tiny_dataset_2d,
                                                                                        build_in_process):
-    from nnunet_ext.trainers import MeanTeacherTrainer_ema99_addedpatches
+    import nnunet_ext.trainers as trainers
 
-    trainer = build_in_process(MeanTeacherTrainer_ema99_addedpatches, configuration="2d")
+    trainer = build_in_process(getattr(trainers, variant), configuration="2d")
     # Tiny plans: batch 2, one of them foreground-oversampled; as many random patches again go in front.
     assert (trainer.batch_size, trainer.added_patches, trainer.supervised_batch_size) == (4, 2, 2)
     batches = draw_batches(trainer, 10)
@@ -293,6 +302,17 @@ def test_added_random_patches_precede_stocks_batch_which_alone_the_supervised_lo
     assert [len(o) for o in seen["output"]] == [2] * len(seen["output"])
     for got, expected in zip(seen["target"], batch["target"], strict=True):
         assert torch.equal(got, expected[2:])
+
+
+def test_continuity_with_added_patches_trains_and_predicts_through_the_real_clis(tiny_dataset):
+    env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
+    trainer = "MeanTeacherContinuityTrainer_addedpatches_exttest_noval"
+    cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_tiny", "-device", "cpu", env=env)
+    fold = next((tiny_dataset.root / "nnUNet_results").glob(f"Dataset*/{trainer}__nnUNetPlans_tiny__3d_fullres/fold_0"))
+    log = "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
+    assert "'random_patch_fraction': 0.0, 'added_random_patches': 1.0" in log
+    assert "training batches of 4: 2 random-voxel patches in front of nnU-Net's 2" in log  # tiny plans: batch 2
+    assert_predicts_the_test_volume(tiny_dataset, trainer)
 
 
 def test_added_random_patches_with_probabilistic_oversampling_are_refused(build_in_process):

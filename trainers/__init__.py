@@ -13,10 +13,12 @@ from nnunet_ext.trainers.mean_teacher import (
     MeanTeacherTrainer_paper,
 )
 from nnunet_ext.trainers.mean_teacher_ablation import (
+    MeanTeacherContinuityTrainer_ema99_addedpatches,
     MeanTeacherContinuityTrainer_ema99_fixed,
     MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
     MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
     MeanTeacherTrainer_ema99_addedpatches,
+    MeanTeacherTrainer_ema99_addedpatches_twoviews,
     MeanTeacherTrainer_ema99_cleansup,
     MeanTeacherTrainer_ema99_fixed,
     MeanTeacherTrainer_ema99_fixed_noperturb,
@@ -58,6 +60,8 @@ __all__ = [
     "MeanTeacherContinuityTrainer_ema99_fixed_edgeaware",
     "MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb",
     "MeanTeacherTrainer_ema99_addedpatches",
+    "MeanTeacherTrainer_ema99_addedpatches_twoviews",
+    "MeanTeacherContinuityTrainer_ema99_addedpatches",
     "CPSCutMixTrainer",
     "CPSCutMixTrainer_ensemble",
     "CPSCutMixTrainer_cleansup",

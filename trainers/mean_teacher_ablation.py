@@ -3,6 +3,7 @@ that asked why they trail stock nnU-Net (the README's ablation tables): each cla
 hypothesis. What it found became the defaults of MeanTeacherTrainer / MeanTeacherContinuityTrainer."""
 
 from nnunet_ext.trainers.mean_teacher import (
+    MeanTeacherContinuityTrainer_ema99,
     MeanTeacherContinuityTrainer_ema99_paperloss,
     MeanTeacherTrainer_ema99,
     MeanTeacherTrainer_ema99_paperloss,
@@ -85,10 +86,25 @@ class MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb(MeanTeacherCo
     perturbed_network = "none"
 
 
-class MeanTeacherTrainer_ema99_addedpatches(MeanTeacherTrainer_ema99):
-    """MeanTeacherTrainer_ema99 with its random-voxel patches *added* to nnU-Net's batch (as many again) instead of
-    replacing half of it: the supervised loss sees exactly stock's batch, the consistency term every patch (on 2d,
-    replacing half the batch by mostly unannotated slices halves the supervised patches)."""
+class AddedRandomPatches:
+    """Random-voxel patches *added* to nnU-Net's batch (as many again) instead of replacing half of it: the supervised
+    loss sees exactly stock's batch, the consistency and continuity terms every patch."""
 
     random_patch_fraction = 0.0
     added_random_patches = 1.0
+
+
+class MeanTeacherTrainer_ema99_addedpatches(AddedRandomPatches, MeanTeacherTrainer_ema99):
+    """MeanTeacherTrainer_ema99 with the random patches added (on 2d, replacing half the batch by mostly unannotated
+    slices halves the supervised patches)."""
+
+
+class MeanTeacherContinuityTrainer_ema99_addedpatches(AddedRandomPatches, MeanTeacherContinuityTrainer_ema99):
+    """MeanTeacherContinuityTrainer_ema99 with the random patches added."""
+
+
+class MeanTeacherTrainer_ema99_addedpatches_twoviews(MeanTeacherTrainer_ema99_addedpatches):
+    """_addedpatches with FixMatch's views: the student also predicts a perturbed copy of the batch, which only the
+    consistency term sees (teacher and student on the identical input give the term little to teach)."""
+
+    perturbed_network = "student_consistency"

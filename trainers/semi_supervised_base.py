@@ -45,6 +45,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         super().initialize()
         self._register_ssl_log_keys()
         self.print_to_log_file(f"{type(self).__name__} hyperparameters: {self.hyperparameters()}")
+        if self.added_patches:
+            self.print_to_log_file(f"training batches of {self.batch_size}: {self.added_patches} random-voxel patches "
+                                   f"in front of nnU-Net's {self.supervised_batch_size}")
         self.logger.update_config({"ssl_hparams": self.hyperparameters()})
 
     def _register_ssl_log_keys(self) -> None:

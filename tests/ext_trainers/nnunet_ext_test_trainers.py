@@ -10,6 +10,7 @@ from nnunet_ext.trainers import (
     CPSCutMixTrainer,
     CPSCutMixTrainer_ensemble,
     MeanTeacherContinuityTrainer,
+    MeanTeacherContinuityTrainer_ema99_addedpatches,
     MeanTeacherTrainer,
     PseudoLabelEnsembleTrainer,
     PseudoLabelSelfTrainingTrainer,
@@ -45,6 +46,11 @@ class MeanTeacherTrainer_exttest_noval(NoFinalValidation, TestBudget, MeanTeache
 
 
 class MeanTeacherContinuityTrainer_exttest_noval(NoFinalValidation, TestBudget, MeanTeacherContinuityTrainer):
+    pass
+
+
+class MeanTeacherContinuityTrainer_addedpatches_exttest_noval(NoFinalValidation, TestBudget,
+                                                             MeanTeacherContinuityTrainer_ema99_addedpatches):
     pass
 
 
