@@ -102,9 +102,3 @@ class MeanTeacherTrainer_ema99_addedpatches(AddedRandomPatches, MeanTeacherTrain
 class MeanTeacherContinuityTrainer_ema99_addedpatches(AddedRandomPatches, MeanTeacherContinuityTrainer_ema99):
     """MeanTeacherContinuityTrainer_ema99 with the random patches added."""
 
-
-class MeanTeacherTrainer_ema99_addedpatches_twoviews(MeanTeacherTrainer_ema99_addedpatches):
-    """_addedpatches with FixMatch's views: the student also predicts a perturbed copy of the batch, which only the
-    consistency term sees (teacher and student on the identical input give the term little to teach)."""
-
-    perturbed_network = "student_consistency"
