@@ -101,4 +101,3 @@ class MeanTeacherTrainer_ema99_addedpatches(AddedRandomPatches, MeanTeacherTrain
 
 class MeanTeacherContinuityTrainer_ema99_addedpatches(AddedRandomPatches, MeanTeacherContinuityTrainer_ema99):
     """MeanTeacherContinuityTrainer_ema99 with the random patches added."""
-
