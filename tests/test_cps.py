@@ -209,6 +209,34 @@ def test_the_clean_variant_supervises_the_unmixed_batch_and_mixes_for_cps_only(i
         assert torch.allclose(value, a.state_dict()[key], atol=1e-6), key
 
 
+@pytest.mark.parametrize("base", [CPSCutMixTrainer, CPSCutMixTrainer_cleansup])
+def test_added_random_patches_stay_out_of_the_supervised_loss_of_both_branches(in_process, base):
+    class AddedPatches(base):
+        random_patch_fraction = 0.0
+        added_random_patches = 1.0
+
+    trainer = in_process(AddedPatches)
+    assert (trainer.batch_size, trainer.added_patches) == (4, 2)  # tiny plans: batch 2, as many added in front
+    (batch,) = draw_batches(trainer, 1)
+    seen = []
+    supervised = trainer.loss
+
+    def recording_supervised(output, target):
+        seen.append((output, target))
+        return supervised(output, target)
+
+    trainer.loss = recording_supervised
+    trainer.current_epoch = trainer.num_epochs // 2  # full CPS weight
+    torch.manual_seed(3)
+    trainer.train_step(batch)
+    assert len(seen) == 2  # one supervised loss per branch
+    for output, target in seen:
+        assert [len(o) for o in output] == [2] * len(output) and [len(t) for t in target] == [2] * len(target)
+        if base is CPSCutMixTrainer_cleansup:  # the unmixed batch: exactly stock's two patches
+            for got, expected in zip(target, batch["target"], strict=True):
+                assert torch.equal(got, expected[2:])
+
+
 def test_identical_branches_agree_everywhere(in_process):
     trainer = in_process()
     unwrap(trainer.network_b).load_state_dict(unwrap(trainer.network).state_dict())

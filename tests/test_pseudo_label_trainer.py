@@ -253,6 +253,34 @@ def test_pseudo_labels_stay_aligned_with_the_labels_through_augmentation(tiny_da
     assert next(validation)["target"][0].shape[1] == 1
 
 
+def test_added_random_patches_get_pseudo_labels_but_no_supervised_loss(tiny_dataset, in_process):
+    write_dense_truth_pseudo_labels(tiny_dataset, fold=2)
+
+    class AddedPatches(PseudoLabelWeightedTrainer):
+        random_patch_fraction = 0.0
+        added_random_patches = 1.0
+
+    trainer = in_process(AddedPatches, fold=2)
+    assert (trainer.batch_size, trainer.added_patches) == (4, 2)  # tiny plans: batch 2, as many added in front
+    (batch,) = draw_batches(trainer, 1)
+    seen = {}
+    supervised = trainer.loss
+
+    def recording_supervised(output, target):
+        seen["output"], seen["target"] = output, target
+        return supervised(output, target)
+
+    trainer.loss = recording_supervised
+    step = trainer.train_step(batch)
+    # L_sup: stock's two patches' labels (channel 0 of the target) only.
+    assert [len(o) for o in seen["output"]] == [2] * len(seen["output"])
+    for got, expected in zip(seen["target"], batch["target"], strict=True):
+        assert torch.equal(got, expected[2:, :1])
+    # L_p: every patch's unlabeled voxels, the added ones included.
+    full = batch["target"][0]
+    assert step["pseudo_fraction"] == pytest.approx((full[:, 0] == IGNORE).float().mean().item())
+
+
 def test_mean_teacher_on_pseudo_labels_adds_every_term_on_the_student(tiny_dataset, in_process):
     write_dense_truth_pseudo_labels(tiny_dataset, fold=2)
     trainer = in_process(MeanTeacherContinuityPseudoLabelTrainer_ema99, fold=2)

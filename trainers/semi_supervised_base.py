@@ -28,7 +28,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     # Share of training patches centred on a uniformly random voxel of a random case (the rest: nnU-Net's sampling).
     random_patch_fraction: float = 0.5
     # Patches centred on a uniformly random voxel added in front of each batch, as a fraction of nnU-Net's batch size
-    # (0: none). Trainers that compute their supervised loss on ``supervised_part`` keep stock's supervised batch.
+    # (0: none). Every trainer computes its supervised loss on ``supervised_part``, so it keeps stock's supervised
+    # batch; the SSL terms see the whole batch.
     added_random_patches: float = 0.0
     # Per-epoch means of these train_step outputs are logged, printed and plotted to ssl_progress.png.
     ssl_log_keys: tuple[str, ...] = ()
