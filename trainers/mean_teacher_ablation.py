@@ -72,6 +72,13 @@ class MeanTeacherTrainer_ema99_fixed_nossl(MeanTeacherTrainer_ema99_fixed):
     consistency_weight = 0.0
 
 
+class MeanTeacherTrainer_ema99_fixed_nossl_stocksampling(MeanTeacherTrainer_ema99_fixed_nossl):
+    """The control with nnU-Net's own patch sampling: stock's training but for the EMA teacher predicting, so set
+    beside the control it tells the random-voxel patches' share of a gap to stock from the EMA weights'."""
+
+    random_patch_fraction = 0.0
+
+
 class MeanTeacherContinuityTrainer_ema99_fixed_edgeaware(MeanTeacherContinuityTrainer_ema99_fixed):
     """MeanTeacherContinuityTrainer_ema99_fixed whose continuity leaves out the adjacent-slice pairs across which the
     teacher's class changes: it smooths within objects, not their real tops and bottoms."""
