@@ -82,6 +82,19 @@ def tiny_dataset_2d(tiny_dataset) -> TinyDataset:
     return tiny_dataset
 
 
+def record_supervised_loss(trainer) -> list[tuple]:
+    """Each (output, target) the trainer's supervised loss (``trainer.loss``) is called with, from now on."""
+    calls = []
+    supervised = trainer.loss
+
+    def recording(output, target):
+        calls.append((output, target))
+        return supervised(output, target)
+
+    trainer.loss = recording
+    return calls
+
+
 def assert_predicts_the_test_volume(tiny_dataset: TinyDataset, trainer: str, configuration: str = "3d_fullres",
                                     plans: str = "nnUNetPlans_tiny") -> None:
     """nnUNetv2_predict with the trained fold 0 writes a label map of the test volume's shape and classes."""

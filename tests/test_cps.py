@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_DATASET_ID, assert_predicts_the_test_volume, cli, train_env
+from conftest import TINY_DATASET_ID, assert_predicts_the_test_volume, cli, record_supervised_loss, train_env
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -218,14 +218,7 @@ def test_added_random_patches_stay_out_of_the_supervised_loss_of_both_branches(i
     trainer = in_process(AddedPatches)
     assert (trainer.batch_size, trainer.added_patches) == (4, 2)  # tiny plans: batch 2, as many added in front
     (batch,) = draw_batches(trainer, 1)
-    seen = []
-    supervised = trainer.loss
-
-    def recording_supervised(output, target):
-        seen.append((output, target))
-        return supervised(output, target)
-
-    trainer.loss = recording_supervised
+    seen = record_supervised_loss(trainer)
     trainer.current_epoch = trainer.num_epochs // 2  # full CPS weight
     torch.manual_seed(3)
     trainer.train_step(batch)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_predicts_the_test_volume, cli, train_env
+from conftest import assert_predicts_the_test_volume, cli, record_supervised_loss, train_env
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.semi_supervised import unwrap
@@ -287,18 +287,12 @@ def test_added_random_patches_precede_stocks_batch_which_alone_the_supervised_lo
     assert not has_ignore[:, 2:].any()  # stock's two patches: annotated slices only, as stock samples them
     assert has_ignore[:, :2].any()  # 3 in 4 random slices are unannotated
 
-    seen = {}
-    supervised = trainer.loss
-
-    def recording_supervised(output, target):
-        seen["output"], seen["target"] = output, target
-        return supervised(output, target)
-
-    trainer.loss = recording_supervised
+    seen = record_supervised_loss(trainer)
     batch = batches[0]
     trainer.train_step(batch)
-    assert [len(o) for o in seen["output"]] == [2] * len(seen["output"])
-    for got, expected in zip(seen["target"], batch["target"], strict=True):
+    ((output, target),) = seen
+    assert [len(o) for o in output] == [2] * len(output)
+    for got, expected in zip(target, batch["target"], strict=True):
         assert torch.equal(got, expected[2:])
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
-from conftest import assert_predicts_the_test_volume, cli, train_env
+from conftest import assert_predicts_the_test_volume, cli, record_supervised_loss, train_env
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -263,18 +263,12 @@ def test_added_random_patches_get_pseudo_labels_but_no_supervised_loss(tiny_data
     trainer = in_process(AddedPatches, fold=2)
     assert (trainer.batch_size, trainer.added_patches) == (4, 2)  # tiny plans: batch 2, as many added in front
     (batch,) = draw_batches(trainer, 1)
-    seen = {}
-    supervised = trainer.loss
-
-    def recording_supervised(output, target):
-        seen["output"], seen["target"] = output, target
-        return supervised(output, target)
-
-    trainer.loss = recording_supervised
+    seen = record_supervised_loss(trainer)
     step = trainer.train_step(batch)
     # L_sup: stock's two patches' labels (channel 0 of the target) only.
-    assert [len(o) for o in seen["output"]] == [2] * len(seen["output"])
-    for got, expected in zip(seen["target"], batch["target"], strict=True):
+    ((output, target),) = seen
+    assert [len(o) for o in output] == [2] * len(output)
+    for got, expected in zip(target, batch["target"], strict=True):
         assert torch.equal(got, expected[2:, :1])
     # L_p: every patch's unlabeled voxels, the added ones included.
     full = batch["target"][0]
