@@ -160,14 +160,14 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
             optimizer.zero_grad(set_to_none=True)
             if self.supervised_input == "clean":
                 with self.autocast():
-                    loss_sup = self.loss(self.supervised_part(network(data)), self.supervised_part(target))
+                    loss_sup = self.supervised_loss(network(data), target)
                 self.backward(loss_sup)  # frees the clean graph before the mixed forward
             with self.autocast():
                 output = network(mixed_data)
                 loss_cps = cross_pseudo_supervision_loss(first_output(output), pseudo[other], mixed_unlabeled,
                                                          self.cps_loss)
                 if self.supervised_input == "mixed":
-                    loss_sup = self.loss(self.supervised_part(output), self.supervised_part(mixed_target))
+                    loss_sup = self.supervised_loss(output, mixed_target)
                     loss = loss_sup + lambda_cps * loss_cps
                 else:
                     loss = lambda_cps * loss_cps

@@ -128,7 +128,7 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
             output = self.network(student_input)
             if two_views:
                 output, consistency_logits = split_views(output, len(data))
-            loss_sup = self.loss(self.supervised_part(output), self.supervised_part(target))
+            loss_sup = self.supervised_loss(output, target)
             student_logits = first_output(output)
             if not two_views:
                 consistency_logits = student_logits

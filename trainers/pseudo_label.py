@@ -143,7 +143,7 @@ class PseudoLabelWeightedTrainer(SemiSupervisedTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             output = self.network(data)
-            loss_sup = self.loss(self.supervised_part(output), self.supervised_part(labels))
+            loss_sup = self.supervised_loss(output, labels)
             loss_pseudo, logs = self.pseudo_label_term(output, pseudo_labels, weights)
             loss = loss_sup + loss_pseudo
         self.optimizer_step(loss)

@@ -28,8 +28,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     # Share of training patches centred on a uniformly random voxel of a random case (the rest: nnU-Net's sampling).
     random_patch_fraction: float = 0.5
     # Patches centred on a uniformly random voxel added in front of each batch, as a fraction of nnU-Net's batch size
-    # (0: none). Every trainer computes its supervised loss on ``supervised_part``, so it keeps stock's supervised
-    # batch; the SSL terms see the whole batch.
+    # (0: none). The supervised loss (``supervised_loss``) sees only nnU-Net's part; the SSL terms see every patch.
     added_random_patches: float = 0.0
     # Per-epoch means of these train_step outputs are logged, printed and plotted to ssl_progress.png.
     ssl_log_keys: tuple[str, ...] = ()
@@ -87,6 +86,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if isinstance(batch_part, (list, tuple)):
             return [self.supervised_part(b) for b in batch_part]
         return batch_part[self.added_patches:]
+
+    def supervised_loss(self, output, target) -> torch.Tensor:
+        """nnU-Net's loss on the part of a batch's output and target that stock nnU-Net would have sampled."""
+        return self.loss(self.supervised_part(output), self.supervised_part(target))
 
     def batch_to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
         """A training batch's data and target on the trainer's device; a deep-supervision target stays a list."""
