@@ -219,10 +219,15 @@ def test_added_random_patches_stay_out_of_the_supervised_loss_of_both_branches(i
     assert (trainer.batch_size, trainer.added_patches) == (4, 2)  # tiny plans: batch 2, as many added in front
     (batch,) = draw_batches(trainer, 1)
     seen = record_supervised_loss(trainer)
+    inputs = []
+    for network, _ in trainer.branches().values():
+        network.register_forward_pre_hook(lambda _, args: inputs.append(len(args[0])) if torch.is_grad_enabled() else None)
     trainer.current_epoch = trainer.num_epochs // 2  # full CPS weight
     torch.manual_seed(3)
     trainer.train_step(batch)
     assert len(seen) == 2  # one supervised loss per branch
+    # Per branch: the clean pass forwards stock's two patches only, the mixed pass all four.
+    assert inputs == ([2, 4, 2, 4] if base is CPSCutMixTrainer_cleansup else [4, 4])
     for output, target in seen:
         assert [len(o) for o in output] == [2] * len(output) and [len(t) for t in target] == [2] * len(target)
         if base is CPSCutMixTrainer_cleansup:  # the unmixed batch: exactly stock's two patches

@@ -159,8 +159,8 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
         for (name, (network, optimizer)), other in zip(self.branches().items(), reversed(BRANCHES)):
             optimizer.zero_grad(set_to_none=True)
             if self.supervised_input == "clean":
-                with self.autocast():
-                    loss_sup = self.supervised_loss(network(data), target)
+                with self.autocast():  # the clean pass serves L_sup alone: added random patches stay out of it
+                    loss_sup = self.loss(network(self.supervised_part(data)), self.supervised_part(target))
                 self.backward(loss_sup)  # frees the clean graph before the mixed forward
             with self.autocast():
                 output = network(mixed_data)
