@@ -17,7 +17,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import nnunet_ext.trainers.cps as cps_module
 from nnunet_ext.semi_supervised import SoftmaxEnsemble, box_mask, cutmix, random_boxes, unlabeled_mask, unwrap
 from nnunet_ext.trainer_in_process import build_trainer, draw_batches
-from nnunet_ext.trainers import CPSCutMixTrainer, CPSCutMixTrainer_cleansup, CPSCutMixTrainer_ensemble
+from nnunet_ext.trainers import (
+    CPSCutMixTrainer,
+    CPSCutMixTrainer_cleansup,
+    CPSCutMixTrainer_ensemble,
+    CPSCutMixTrainer_mixedsup,
+)
 from nnunet_ext.trainers.semi_supervised_base import first_output
 
 pytestmark = pytest.mark.integration
@@ -29,9 +34,16 @@ IGNORE = 3  # the synthetic dataset's ignore label
 def test_defaults_of_the_method():
     for attribute, value in [("cps_weight", 1.0), ("cps_warmup", (0.05, 0.20)), ("cps_loss", "dice"),
                              ("cutmix_fraction", (0.25, 0.5)), ("branch_dice_ema", 0.9),
-                             ("supervised_input", "mixed")]:
+                             ("supervised_input", "clean")]:
         assert getattr(CPSCutMixTrainer, attribute) == value
     assert issubclass(CPSCutMixTrainer_ensemble, CPSCutMixTrainer)
+
+
+def test_supervised_input_variants_change_that_one_setting():
+    settings = ("cps_weight", "cps_warmup", "cps_loss", "cutmix_fraction", "branch_dice_ema", "supervised_input")
+    for variant, input_ in [(CPSCutMixTrainer_cleansup, "clean"), (CPSCutMixTrainer_mixedsup, "mixed")]:
+        assert {s: getattr(variant, s) for s in settings} == {**{s: getattr(CPSCutMixTrainer, s) for s in settings},
+                                                             "supervised_input": input_}
 
 
 def results_folder(tiny_dataset, trainer: str):
@@ -128,8 +140,8 @@ def test_branches_are_independent_networks(in_process):
         [id(p) for p in b.parameters()]
 
 
-def test_train_step_mixes_inputs_targets_and_pseudo_labels(in_process, monkeypatch):
-    trainer = in_process()
+def test_the_mixed_variant_step_mixes_inputs_targets_and_pseudo_labels(in_process, monkeypatch):
+    trainer = in_process(CPSCutMixTrainer_mixedsup)
     trainer.current_epoch = trainer.num_epochs // 2  # full CPS weight
     (batch,) = draw_batches(trainer, 1)
     data, target = batch["data"], batch["target"]
@@ -172,8 +184,8 @@ def test_train_step_mixes_inputs_targets_and_pseudo_labels(in_process, monkeypat
     assert torch.equal(batch["data"], before["data"]) and all(map(torch.equal, batch["target"], before["target"]))
 
 
-def test_the_clean_variant_supervises_the_unmixed_batch_and_mixes_for_cps_only(in_process):
-    trainer = in_process(CPSCutMixTrainer_cleansup)
+def test_the_default_supervises_the_unmixed_batch_and_mixes_for_cps_only(in_process):
+    trainer = in_process()
     trainer.current_epoch = trainer.num_epochs // 2  # full CPS weight
     (batch,) = draw_batches(trainer, 1)
     data, target = batch["data"], batch["target"]
@@ -185,7 +197,7 @@ def test_the_clean_variant_supervises_the_unmixed_batch_and_mixes_for_cps_only(i
 
     # Branch A's step by hand on a copy: L_sup on the unmixed batch plus L_cps of the mixed input against B's mixed
     # labels, both gradients in one clipped SGD step.
-    expected = in_process(CPSCutMixTrainer_cleansup)
+    expected = in_process()
     a, b = unwrap(expected.network), unwrap(expected.network_b)
     a.load_state_dict(unwrap(trainer.network).state_dict())
     b.load_state_dict(unwrap(trainer.network_b).state_dict())
@@ -209,7 +221,7 @@ def test_the_clean_variant_supervises_the_unmixed_batch_and_mixes_for_cps_only(i
         assert torch.allclose(value, a.state_dict()[key], atol=1e-6), key
 
 
-@pytest.mark.parametrize("base", [CPSCutMixTrainer, CPSCutMixTrainer_cleansup])
+@pytest.mark.parametrize("base", [CPSCutMixTrainer_mixedsup, CPSCutMixTrainer])
 def test_added_random_patches_stay_out_of_the_supervised_loss_of_both_branches(in_process, base):
     class AddedPatches(base):
         random_patch_fraction = 0.0
@@ -227,10 +239,10 @@ def test_added_random_patches_stay_out_of_the_supervised_loss_of_both_branches(i
     trainer.train_step(batch)
     assert len(seen) == 2  # one supervised loss per branch
     # Per branch: the clean pass forwards stock's two patches only, the mixed pass all four.
-    assert inputs == ([2, 4, 2, 4] if base is CPSCutMixTrainer_cleansup else [4, 4])
+    assert inputs == ([2, 4, 2, 4] if base.supervised_input == "clean" else [4, 4])
     for output, target in seen:
         assert [len(o) for o in output] == [2] * len(output) and [len(t) for t in target] == [2] * len(target)
-        if base is CPSCutMixTrainer_cleansup:  # the unmixed batch: exactly stock's two patches
+        if base.supervised_input == "clean":  # the unmixed batch: exactly stock's two patches
             for got, expected in zip(target, batch["target"], strict=True):
                 assert torch.equal(got, expected[2:])
 
@@ -412,7 +424,7 @@ def _ddp_cps_worker(rank: int, world_size: int, folder: str, env: dict, trainer_
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed + gloo")
-@pytest.mark.parametrize("trainer_class", [CPSCutMixTrainer, CPSCutMixTrainer_cleansup])
+@pytest.mark.parametrize("trainer_class", [CPSCutMixTrainer_mixedsup, CPSCutMixTrainer])
 def test_both_networks_stay_identical_on_ddp_ranks(tiny_dataset, tmp_path, trainer_class):
     env = {k: v for k, v in train_env(tiny_dataset.env).items() if k.startswith("nnUNet")}
     mp.start_processes(_ddp_cps_worker, args=(2, str(tmp_path), env, trainer_class), nprocs=2, join=True,

@@ -1,6 +1,11 @@
 """nnUNetTrainer subclasses of nnunet-ext. Every name in ``__all__`` is a trainer nnU-Net finds via ``nnunet-ext env``."""
 
-from nnunet_ext.trainers.cps import CPSCutMixTrainer, CPSCutMixTrainer_cleansup, CPSCutMixTrainer_ensemble
+from nnunet_ext.trainers.cps import (
+    CPSCutMixTrainer,
+    CPSCutMixTrainer_cleansup,
+    CPSCutMixTrainer_ensemble,
+    CPSCutMixTrainer_mixedsup,
+)
 from nnunet_ext.trainers.demo import MeanTeacherContinuityTrainer_demo, nnUNetTrainer_demo
 from nnunet_ext.trainers.mean_teacher import (
     MeanTeacherContinuityTrainer,
@@ -65,6 +70,7 @@ __all__ = [
     "CPSCutMixTrainer",
     "CPSCutMixTrainer_ensemble",
     "CPSCutMixTrainer_cleansup",
+    "CPSCutMixTrainer_mixedsup",
     "nnUNetTrainer_demo",
     "MeanTeacherContinuityTrainer_demo",
     "PseudoLabelWeightedTrainer",
