@@ -296,6 +296,6 @@ class CPSCutMixTrainer_cleansup(CPSCutMixTrainer):
 
 
 class CPSCutMixTrainer_mixedsup(CPSCutMixTrainer):
-    """CPS + CutMix with the supervised loss on the CutMix-ed batch (Pagano et al.; the default until the benchmarks)."""
+    """CPS + CutMix with the supervised loss on the CutMix-ed batch: Pagano et al.'s recipe, the default until 2026-12."""
 
     supervised_input = "mixed"
