@@ -174,22 +174,18 @@ def test_two_views_supervise_the_clean_view_and_hold_the_perturbed_one_to_the_te
         clean, perturbed = student(data), first_output(student(2 * data))
         teacher = first_output(trainer.teacher.module(data))
     seen = {}
-    supervised = trainer.loss
     consistency = mean_teacher.sharpened_consistency_loss
-
-    def recording_supervised(output, target):
-        seen["supervised"] = output
-        return supervised(output, target)
 
     def recording_consistency(student_logits, teacher_logits, *args):
         seen["student"], seen["teacher"] = student_logits, teacher_logits
         return consistency(student_logits, teacher_logits, *args)
 
-    trainer.loss = recording_supervised
+    supervised = record_supervised_loss(trainer)
     monkeypatch.setattr(mean_teacher, "sharpened_consistency_loss", recording_consistency)
     trainer.train_step(batch)
-    assert len(seen["supervised"]) == len(clean)  # every deep-supervision output, clean view only
-    for got, expected in zip(seen["supervised"], clean, strict=True):
+    ((supervised_output, _),) = supervised
+    assert len(supervised_output) == len(clean)  # every deep-supervision output, clean view only
+    for got, expected in zip(supervised_output, clean, strict=True):
         torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(seen["student"].detach(), perturbed, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(seen["teacher"], teacher, rtol=1e-4, atol=1e-4)
