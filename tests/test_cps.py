@@ -100,6 +100,15 @@ def test_ensemble_trains_and_predicts_through_the_real_clis(tiny_dataset):
     assert_predicts_the_test_volume(tiny_dataset, ENSEMBLE)
 
 
+def test_pagano_et_al_mixed_supervision_trains_and_predicts_through_the_real_clis(tiny_dataset):
+    trainer = "CPSCutMixTrainer_mixedsup_exttest_noval"
+    cli("nnUNetv2_train", str(tiny_dataset.dataset_id), "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_tiny",
+        "-device", "cpu", env=train_env(tiny_dataset.env))
+    log = read_log(results_folder(tiny_dataset, trainer))
+    assert "'supervised_input': 'mixed'" in log and log.count("loss_sup_a ") == 2
+    assert_predicts_the_test_volume(tiny_dataset, trainer)
+
+
 # ------------------------------------------------------------------------------------------------ in-process checks
 
 @pytest.fixture

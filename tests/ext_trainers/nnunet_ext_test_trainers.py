@@ -9,6 +9,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_ext.trainers import (
     CPSCutMixTrainer,
     CPSCutMixTrainer_ensemble,
+    CPSCutMixTrainer_mixedsup,
     MeanTeacherContinuityTrainer,
     MeanTeacherContinuityTrainer_ema99_addedpatches,
     MeanTeacherTrainer,
@@ -71,4 +72,8 @@ class CPSCutMixTrainer_exttest_noval(NoFinalValidation, TestBudget, CPSCutMixTra
 
 
 class CPSCutMixTrainer_ensemble_exttest(TestBudget, CPSCutMixTrainer_ensemble):
+    pass
+
+
+class CPSCutMixTrainer_mixedsup_exttest_noval(NoFinalValidation, TestBudget, CPSCutMixTrainer_mixedsup):
     pass
