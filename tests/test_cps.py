@@ -202,30 +202,34 @@ def test_the_default_supervises_the_unmixed_batch_and_mixes_for_cps_only(in_proc
     for network, _ in trainer.branches().values():
         network.register_forward_pre_hook(lambda _, args: seen.append(args[0]) if torch.is_grad_enabled() else None)
 
-    # Branch A's step by hand on a copy: L_sup on the unmixed batch plus L_cps of the mixed input against B's mixed
-    # labels, both gradients in one clipped SGD step.
+    # Each branch's step by hand on a copy: L_sup on the unmixed batch plus L_cps of the mixed input against the
+    # other branch's mixed labels from before either step, both gradients in one clipped SGD step.
     expected = in_process()
-    a, b = unwrap(expected.network), unwrap(expected.network_b)
-    a.load_state_dict(unwrap(trainer.network).state_dict())
-    b.load_state_dict(unwrap(trainer.network_b).state_dict())
+    networks = {name: unwrap(network) for name, (network, _) in expected.branches().items()}
+    for name, (network, _) in trainer.branches().items():
+        networks[name].load_state_dict(unwrap(network).state_dict())
     with torch.no_grad():
-        labels_b = first_output(b(data)).argmax(1, keepdim=True)
+        labels = {name: first_output(network(data)).argmax(1, keepdim=True) for name, network in networks.items()}
     mixed = cutmix(data, mask)
-    loss_sup = expected.loss(a(data), target)
-    loss_cps = cps_module.cross_pseudo_supervision_loss(first_output(a(mixed)), cutmix(labels_b, mask),
-                                                        unlabeled_mask(cutmix(target[0], mask), IGNORE), "dice")
-    expected.optimizer.zero_grad()
-    (loss_sup + loss_cps).backward()
-    torch.nn.utils.clip_grad_norm_(a.parameters(), 12)
-    expected.optimizer.step()
+    loss_sup = {}
+    for (name, (_, optimizer)), other in zip(expected.branches().items(), ("b", "a")):
+        network = networks[name]
+        loss_sup[name] = expected.loss(network(data), target)
+        loss_cps = cps_module.cross_pseudo_supervision_loss(first_output(network(mixed)), cutmix(labels[other], mask),
+                                                            unlabeled_mask(cutmix(target[0], mask), IGNORE), "dice")
+        optimizer.zero_grad()
+        (loss_sup[name] + loss_cps).backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        optimizer.step()
 
     torch.manual_seed(11)
     result = trainer.train_step(batch)
-    assert [torch.equal(x, data) for x in seen] == [True, False, True, False]  # per branch: clean, then mixed
-    assert all(torch.equal(x, mixed) for x in seen[1::2])
-    assert result["loss_sup_a"] == pytest.approx(loss_sup.item(), rel=1e-5)
-    for key, value in unwrap(trainer.network).state_dict().items():
-        assert torch.allclose(value, a.state_dict()[key], atol=1e-6), key
+    assert [torch.equal(x, data) for x in seen] == [True, True, False, False]  # both clean passes, then the mixed
+    assert all(torch.equal(x, mixed) for x in seen[2:])
+    for name, (network, _) in trainer.branches().items():
+        assert result[f"loss_sup_{name}"] == pytest.approx(loss_sup[name].item(), rel=1e-5)
+        for key, value in unwrap(network).state_dict().items():
+            assert torch.allclose(value, networks[name].state_dict()[key], atol=1e-6), (name, key)
 
 
 @pytest.mark.parametrize("base", [CPSCutMixTrainer_mixedsup, CPSCutMixTrainer])
@@ -245,8 +249,8 @@ def test_added_random_patches_stay_out_of_the_supervised_loss_of_both_branches(i
     torch.manual_seed(3)
     trainer.train_step(batch)
     assert len(seen) == 2  # one supervised loss per branch
-    # Per branch: the clean pass forwards stock's two patches only, the mixed pass all four.
-    assert inputs == ([2, 4, 2, 4] if base.supervised_input == "clean" else [4, 4])
+    # Every pass forwards all four patches (the clean ones also give the added patches' pseudo-labels).
+    assert inputs == ([4, 4, 4, 4] if base.supervised_input == "clean" else [4, 4])
     for output, target in seen:
         assert [len(o) for o in output] == [2] * len(output) and [len(t) for t in target] == [2] * len(target)
         if base.supervised_input == "clean":  # the unmixed batch: exactly stock's two patches

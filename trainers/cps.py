@@ -9,14 +9,15 @@ L_sup is nnU-Net's own Dice + CE with the ignore label on the unmixed batch, sto
 French et al. mix only for the unsupervised term; L_cps (soft Dice, or CE) counts the mixed target's ignore voxels
 only. The pseudo-labels are the other network's argmax on the *unmixed* batch, mixed with the same box. lambda is 0
 for the first 5 % of training, linear to full weight at 20 %, then constant. Per network and step: a forward and
-backward pass on each of the two batches, each graph freed before the next forward.
+backward pass on each of the two batches, each graph freed before the next forward; the unmixed passes of both
+networks come first, before either steps, and their argmax maps are the pseudo-labels.
 
 ``supervised_input = "mixed"`` (``CPSCutMixTrainer_mixedsup``, Pagano et al.'s recipe) trains L_sup on the mixed
-input and target in the same pass as L_cps: one forward and backward per network and step, and lower Dice on this
-project's benchmarks.
+input and target in the same pass as L_cps: one forward and backward per network and step (the pseudo-labels from a
+forward pass under no_grad), and lower Dice on this project's benchmarks.
 
-Memory: the pseudo-labels come from forward passes under no_grad, and the two networks' forward/backward/step run
-one after the other, so one step holds the activations of one network at a time, as stock nnU-Net does.
+Memory: the networks' forward/backward passes run one after the other, so one step holds the activations of one
+network at a time, as stock nnU-Net does (and, in the clean recipe, both networks' gradients between the passes).
 """
 
 import numpy as np
@@ -149,9 +150,23 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
         mixed_unlabeled = unlabeled_mask(first_output(mixed_target), ignore)
         lambda_cps = self.cps_lambda()
 
-        with torch.no_grad(), self.autocast():
-            labels = {name: first_output(network(data)).argmax(1, keepdim=True)
-                      for name, (network, _) in self.branches().items()}
+        if self.supervised_input == "clean":
+            # Both clean passes first: each serves L_sup and, before any step, the pseudo-labels, which thus cost
+            # no forward passes of their own. Each graph is freed by its backward; gradients wait for the steps.
+            loss_sup, labels = {}, {}
+            for name, (network, optimizer) in self.branches().items():
+                optimizer.zero_grad(set_to_none=True)
+                with self.autocast():
+                    output = network(data)
+                    loss = self.supervised_loss(output, target)  # added random patches stay out of it
+                labels[name] = first_output(output).detach().argmax(1, keepdim=True)
+                self.backward(loss)
+                loss_sup[name] = loss.detach()
+                del output, loss
+        else:
+            with torch.no_grad(), self.autocast():
+                labels = {name: first_output(network(data)).argmax(1, keepdim=True)
+                          for name, (network, _) in self.branches().items()}
         unlabeled = unlabeled_mask(first_output(target), ignore)
         agreement = ((labels["a"] == labels["b"]) & unlabeled).sum() / unlabeled.sum().clamp_min(1)
         pseudo = {name: cutmix(label_map, mask) for name, label_map in labels.items()}
@@ -159,25 +174,23 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
 
         results = {}
         for (name, (network, optimizer)), other in zip(self.branches().items(), reversed(BRANCHES)):
-            optimizer.zero_grad(set_to_none=True)
-            if self.supervised_input == "clean":
-                with self.autocast():  # the clean pass serves L_sup alone: added random patches stay out of it
-                    loss_sup = self.loss(network(self.supervised_part(data)), self.supervised_part(target))
-                self.backward(loss_sup)  # frees the clean graph before the mixed forward
+            if self.supervised_input == "mixed":
+                optimizer.zero_grad(set_to_none=True)
             with self.autocast():
                 output = network(mixed_data)
                 loss_cps = cross_pseudo_supervision_loss(first_output(output), pseudo[other], mixed_unlabeled,
                                                          self.cps_loss)
                 if self.supervised_input == "mixed":
-                    loss_sup = self.supervised_loss(output, mixed_target)
-                    loss = loss_sup + lambda_cps * loss_cps
+                    branch_sup = self.supervised_loss(output, mixed_target)
+                    loss = branch_sup + lambda_cps * loss_cps
                 else:
+                    branch_sup = loss_sup[name]
                     loss = lambda_cps * loss_cps
                     if isinstance(output, (list, tuple)):  # DDP needs a gradient for every parameter: 0 x the rest
                         loss = loss + sum(0.0 * o.sum() for o in output[1:])
             self.backward(loss)
             self.clip_and_step(network, optimizer)
-            results[name] = (loss_sup.detach() + lambda_cps * loss_cps.detach(), loss_sup.detach(),
+            results[name] = (branch_sup.detach() + lambda_cps * loss_cps.detach(), branch_sup.detach(),
                              loss_cps.detach())
             del output, loss  # free this branch's graph before the other branch's forward
         (loss_a, sup_a, cps_a), (loss_b, sup_b, cps_b) = results["a"], results["b"]
