@@ -139,6 +139,28 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
         self.network_b.train()
         self.lr_scheduler_b.step(self.current_epoch)
 
+    def unmixed_passes(self, data: torch.Tensor, target) -> tuple[dict, dict]:
+        """Each network's argmax on the unmixed batch and, with clean supervision, its L_sup, before either steps.
+
+        With clean supervision the training pass for L_sup (gradients accumulated, graph freed) also gives the
+        pseudo-labels, which thus cost no forward pass of their own; the mixed recipe runs one under no_grad.
+        """
+        if self.supervised_input == "mixed":
+            with torch.no_grad(), self.autocast():
+                return {name: first_output(network(data)).argmax(1, keepdim=True)
+                        for name, (network, _) in self.branches().items()}, {}
+        labels, loss_sup = {}, {}
+        for name, (network, optimizer) in self.branches().items():
+            optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                output = network(data)
+                loss = self.supervised_loss(output, target)  # added random patches stay out of it
+            labels[name] = first_output(output).detach().argmax(1, keepdim=True)
+            self.backward(loss)
+            loss_sup[name] = loss.detach()
+            del output, loss
+        return labels, loss_sup
+
     def train_step(self, batch: dict) -> dict:
         data, target = self.batch_to_device(batch)
         ignore = self.label_manager.ignore_label
@@ -150,23 +172,7 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
         mixed_unlabeled = unlabeled_mask(first_output(mixed_target), ignore)
         lambda_cps = self.cps_lambda()
 
-        if self.supervised_input == "clean":
-            # Both clean passes first: each serves L_sup and, before any step, the pseudo-labels, which thus cost
-            # no forward passes of their own. Each graph is freed by its backward; gradients wait for the steps.
-            loss_sup, labels = {}, {}
-            for name, (network, optimizer) in self.branches().items():
-                optimizer.zero_grad(set_to_none=True)
-                with self.autocast():
-                    output = network(data)
-                    loss = self.supervised_loss(output, target)  # added random patches stay out of it
-                labels[name] = first_output(output).detach().argmax(1, keepdim=True)
-                self.backward(loss)
-                loss_sup[name] = loss.detach()
-                del output, loss
-        else:
-            with torch.no_grad(), self.autocast():
-                labels = {name: first_output(network(data)).argmax(1, keepdim=True)
-                          for name, (network, _) in self.branches().items()}
+        labels, loss_sup = self.unmixed_passes(data, target)
         unlabeled = unlabeled_mask(first_output(target), ignore)
         agreement = ((labels["a"] == labels["b"]) & unlabeled).sum() / unlabeled.sum().clamp_min(1)
         pseudo = {name: cutmix(label_map, mask) for name, label_map in labels.items()}
