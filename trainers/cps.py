@@ -150,8 +150,7 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
                 return {name: first_output(network(data)).argmax(1, keepdim=True)
                         for name, (network, _) in self.branches().items()}, {}
         labels, loss_sup = {}, {}
-        for name, (network, optimizer) in self.branches().items():
-            optimizer.zero_grad(set_to_none=True)
+        for name, (network, _) in self.branches().items():
             with self.autocast():
                 output = network(data)
                 loss = self.supervised_loss(output, target)  # added random patches stay out of it
@@ -172,6 +171,8 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
         mixed_unlabeled = unlabeled_mask(first_output(mixed_target), ignore)
         lambda_cps = self.cps_lambda()
 
+        for _, optimizer in self.branches().values():  # once per step: the clean recipe accumulates two passes
+            optimizer.zero_grad(set_to_none=True)
         labels, loss_sup = self.unmixed_passes(data, target)
         unlabeled = unlabeled_mask(first_output(target), ignore)
         agreement = ((labels["a"] == labels["b"]) & unlabeled).sum() / unlabeled.sum().clamp_min(1)
@@ -180,8 +181,6 @@ class CPSCutMixTrainer(SemiSupervisedTrainer):
 
         results = {}
         for (name, (network, optimizer)), other in zip(self.branches().items(), reversed(BRANCHES)):
-            if self.supervised_input == "mixed":
-                optimizer.zero_grad(set_to_none=True)
             with self.autocast():
                 output = network(mixed_data)
                 loss_cps = cross_pseudo_supervision_loss(first_output(output), pseudo[other], mixed_unlabeled,
