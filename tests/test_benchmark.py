@@ -58,6 +58,20 @@ def test_paired_difference_pairs_the_same_seed_and_case():
     # Deviations 1/30, -1/6, 2/15: squares sum to 0.04667, / 2 -> std 0.1528.
     assert d["std"] == pytest.approx(math.sqrt((1 / 900 + 1 / 36 + 4 / 225) / 2))
     assert math.isnan(d["p"])  # fewer than 6 pairs
+    assert d["seeds"] == 2 and math.isnan(d["seed_p"])  # fewer than 3 seeds
+
+
+def test_paired_difference_tests_the_seeds_mean_differences():
+    results = [result("nnUNetTrainer", 0, {"a": 0.5}), result("Ours", 0, {"a": 0.51}),
+               result("nnUNetTrainer", 1, {"a": 0.5, "b": 0.5}), result("Ours", 1, {"a": 0.52, "b": 0.52}),
+               result("nnUNetTrainer", 2, {"a": 0.5}), result("Ours", 2, {"a": 0.53})]
+    d = paired_difference(results, "Ours", "every4", "test")
+    assert d["seeds"] == 3 and d["n"] == 4
+    # Seed means 0.01, 0.02, 0.03 (seed 1's two cases count once): mean 0.02, std 0.01, t = 0.02 / (0.01 / sqrt 3)
+    # = 2 sqrt 3 on 2 degrees of freedom, whose two-sided p is 1 - t / sqrt(t^2 + 2) = 1 - sqrt(12 / 14) = 0.0742.
+    assert d["seed_p"] == pytest.approx(1 - math.sqrt(12 / 14))
+    # Over the 4 pairs: mean 0.02, deviations -0.01, 0, 0, +0.01 -> std sqrt(0.0002 / 3) = 0.008.
+    assert benchmark.fmt_paired(d) == "+0.020 ± 0.008 (wins 4/4; 3 seeds p=0.074)"
 
 
 @pytest.mark.parametrize("arguments, message", [

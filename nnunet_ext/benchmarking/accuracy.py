@@ -775,22 +775,32 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 def paired_difference(results: list[dict], trainer: str, sparsity: str, part: str, reference: str = REFERENCE) -> dict:
     """``trainer`` minus ``reference`` on the same (seed, case) pairs, from each run's per-case Dice of ``part``.
 
-    Returns ``{"mean", "std", "n", "wins", "p"}``; ``p`` is the two-sided Wilcoxon signed-rank p-value (NaN below
-    6 pairs, where it cannot reach 0.05).
+    Returns ``{"mean", "std", "n", "wins", "p", "seeds", "seed_p"}``; ``p`` is the two-sided Wilcoxon signed-rank
+    p-value over the pairs (NaN below 6 pairs, where it cannot reach 0.05). A seed's cases share one training run, so
+    ``p`` treats run-to-run noise as if it were case-to-case evidence; ``seed_p`` is the two-sided one-sample t-test
+    p-value of the per-seed mean differences (NaN below 3 seeds), the test that counts each run once.
     """
     def per_case(name):
         return {(r["seed"], case): value for r in results if r["trainer"] == name and r["sparsity"] == sparsity
                 for case, value in r[part]["cases"].items() if value is not None and not math.isnan(value)}
 
     ours, stock = per_case(trainer), per_case(reference)
-    differences = [ours[k] - stock[k] for k in sorted(set(ours) & set(stock))]
+    pairs = sorted(set(ours) & set(stock))
+    differences = [ours[k] - stock[k] for k in pairs]
     mean, std, n = mean_std(differences)
-    p = float("nan")
+    seeds = sorted({seed for seed, _ in pairs})
+    by_seed = [float(np.mean([ours[k] - stock[k] for k in pairs if k[0] == seed])) for seed in seeds]
+    p = seed_p = float("nan")
     if n >= 6 and any(d != 0 for d in differences):
         from scipy.stats import wilcoxon
 
         p = float(wilcoxon(differences).pvalue)
-    return {"mean": mean, "std": std, "n": n, "wins": sum(d > 0 for d in differences), "p": p}
+    if len(by_seed) >= 3 and np.std(by_seed) > 0:
+        from scipy.stats import ttest_1samp
+
+        seed_p = float(ttest_1samp(by_seed, 0.0).pvalue)
+    return {"mean": mean, "std": std, "n": n, "wins": sum(d > 0 for d in differences), "p": p,
+            "seeds": len(by_seed), "seed_p": seed_p}
 
 
 def fmt(value: float, digits: int = 3, signed: bool = False) -> str:
@@ -808,7 +818,8 @@ def fmt_paired(d: dict) -> str:
     if d["n"] == 0:
         return "n/a"
     p = "" if math.isnan(d["p"]) else f", p={d['p']:.2g}"
-    return f"{fmt(d['mean'], signed=True)} ± {fmt(d['std'])} (wins {d['wins']}/{d['n']}{p})"
+    seed_p = "" if math.isnan(d.get("seed_p", math.nan)) else f"; {d['seeds']} seeds p={d['seed_p']:.2g}"
+    return f"{fmt(d['mean'], signed=True)} ± {fmt(d['std'])} (wins {d['wins']}/{d['n']}{p}{seed_p})"
 
 
 def classes_of(result: dict) -> list[str]:
@@ -845,7 +856,8 @@ def _markdown(results: list[dict], failures: list[dict], settings: BenchmarkSett
              f"foreground classes; mean ± std over seeds; minutes = wall time per run. Δ = arm − its reference "
              f"(stock nnU-Net on the same configuration and plans; for stock on others and ensembles, stock on "
              f"{s.configuration} and the base plans) on the same "
-             f"(seed, case) pairs: mean ± std, wins, Wilcoxon p (≥ 6 pairs).", ""]
+             f"(seed, case) pairs: mean ± std, wins, Wilcoxon p (≥ 6 pairs); then the t-test p of the per-seed mean "
+             f"differences (≥ 3 seeds), which counts each training run once.", ""]
     header = ("| arm | runs | Dice test volumes | Dice unannotated slices | Dice annotated slices | minutes | "
               "reference | Δ Dice test | Δ Dice unannotated |")
     for sparsity in s.sparsity_levels:
