@@ -778,7 +778,8 @@ def paired_difference(results: list[dict], trainer: str, sparsity: str, part: st
     Returns ``{"mean", "std", "n", "wins", "p", "seeds", "seed_p"}``; ``p`` is the two-sided Wilcoxon signed-rank
     p-value over the pairs (NaN below 6 pairs, where it cannot reach 0.05). A seed's cases share one training run, so
     ``p`` treats run-to-run noise as if it were case-to-case evidence; ``seed_p`` is the two-sided one-sample t-test
-    p-value of the per-seed mean differences (NaN below 3 seeds), the test that counts each run once.
+    p-value of the per-seed mean differences (NaN below 3 seeds or when they are all equal), the test that counts each
+    run once.
     """
     def per_case(name):
         return {(r["seed"], case): value for r in results if r["trainer"] == name and r["sparsity"] == sparsity
@@ -818,7 +819,7 @@ def fmt_paired(d: dict) -> str:
     if d["n"] == 0:
         return "n/a"
     p = "" if math.isnan(d["p"]) else f", p={d['p']:.2g}"
-    seed_p = "" if math.isnan(d.get("seed_p", math.nan)) else f"; {d['seeds']} seeds p={d['seed_p']:.2g}"
+    seed_p = "" if math.isnan(d["seed_p"]) else f"; {d['seeds']} seeds p={d['seed_p']:.2g}"
     return f"{fmt(d['mean'], signed=True)} ± {fmt(d['std'])} (wins {d['wins']}/{d['n']}{p}{seed_p})"
 
 
