@@ -789,8 +789,10 @@ def paired_difference(results: list[dict], trainer: str, sparsity: str, part: st
     pairs = sorted(set(ours) & set(stock))
     differences = [ours[k] - stock[k] for k in pairs]
     mean, std, n = mean_std(differences)
-    seeds = sorted({seed for seed, _ in pairs})
-    by_seed = [float(np.mean([ours[k] - stock[k] for k in pairs if k[0] == seed])) for seed in seeds]
+    per_seed: dict[int, list[float]] = {}
+    for (seed, _), difference in zip(pairs, differences):
+        per_seed.setdefault(seed, []).append(difference)
+    by_seed = [float(np.mean(seed_differences)) for seed_differences in per_seed.values()]
     p = seed_p = float("nan")
     if n >= 6 and any(d != 0 for d in differences):
         from scipy.stats import wilcoxon
@@ -813,6 +815,10 @@ def fmt(value: float, digits: int = 3, signed: bool = False) -> str:
 def fmt_mean_std(values: list[float]) -> str:
     mean, std, n = mean_std(values)
     return "n/a" if n == 0 else f"{fmt(mean)} ± {fmt(std)}" if n > 1 else fmt(mean)
+
+
+# How fmt_paired's "N seeds p=" reads, for the tables that print it.
+SEED_P_NOTE = "then the t-test p of the per-seed mean differences (≥ 3 seeds), which counts each training run once"
 
 
 def fmt_paired(d: dict) -> str:
@@ -857,8 +863,7 @@ def _markdown(results: list[dict], failures: list[dict], settings: BenchmarkSett
              f"foreground classes; mean ± std over seeds; minutes = wall time per run. Δ = arm − its reference "
              f"(stock nnU-Net on the same configuration and plans; for stock on others and ensembles, stock on "
              f"{s.configuration} and the base plans) on the same "
-             f"(seed, case) pairs: mean ± std, wins, Wilcoxon p (≥ 6 pairs); then the t-test p of the per-seed mean "
-             f"differences (≥ 3 seeds), which counts each training run once.", ""]
+             f"(seed, case) pairs: mean ± std, wins, Wilcoxon p (≥ 6 pairs); {SEED_P_NOTE}.", ""]
     header = ("| arm | runs | Dice test volumes | Dice unannotated slices | Dice annotated slices | minutes | "
               "reference | Δ Dice test | Δ Dice unannotated |")
     for sparsity in s.sparsity_levels:

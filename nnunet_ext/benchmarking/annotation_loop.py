@@ -36,6 +36,7 @@ from nnunet_ext.benchmarking.accuracy import (
     FOLD,
     MAIN_COLUMNS,
     REFERENCE,
+    SEED_P_NOTE,
     SUMMARY_METRICS,
     BenchmarkFolder,
     BenchmarkSettings,
@@ -380,8 +381,7 @@ def _paired_table(results: list[dict], loop: AnnotationLoop) -> list[str]:
     as_trainers = [{**r, "trainer": r["arm"]} for r in results]  # paired_difference pairs runs by "trainer"
     lines = ["## Suggested against evenly spaced and random slices", "",
              "Δ = suggested − the other arm on the same (seed, test volume) and (seed, training case) pairs: mean ± "
-             "std, wins/pairs, Wilcoxon p (≥ 6 pairs); then the t-test p of the per-seed mean differences "
-             "(≥ 3 seeds), which counts each run once.", "",
+             f"std, wins/pairs, Wilcoxon p (≥ 6 pairs); {SEED_P_NOTE}.", "",
              "| comparison | Δ Dice test volumes | Δ Dice unannotated slices |", "|---|---|---|"]
     for other in (EVEN, RANDOM):
         cells = [fmt_paired(paired_difference(as_trainers, SUGGESTED, loop.sparsity.label, part, other))
