@@ -76,6 +76,7 @@ def test_ablation_variants_change_only_their_hypothesis():
         MeanTeacherContinuityTrainer_ema99_fixed_edgeaware,
         MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
         MeanTeacherContinuityTrainer_ema99_paperloss,
+        MeanTeacherContinuityTrainer_ema99_stocksampling,
         MeanTeacherTrainer_ema99,
         MeanTeacherTrainer_ema99_addedpatches,
         MeanTeacherTrainer_ema99_cleansup,
@@ -108,7 +109,9 @@ def test_ablation_variants_change_only_their_hypothesis():
             (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, MeanTeacherContinuityTrainer_ema99_fixed,
              {"continuity_across_edges": False}),
             (MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb,
-             MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, {"perturbed_network": "none"})]:
+             MeanTeacherContinuityTrainer_ema99_fixed_edgeaware, {"perturbed_network": "none"}),
+            (MeanTeacherContinuityTrainer_ema99_stocksampling, MeanTeacherContinuityTrainer_ema99,
+             {"random_patch_fraction": 0.0})]:
         assert variant.__bases__ == (base,)
         assert {k: v for k, v in vars(variant).items() if not k.startswith("__")} == changes
     for variant, base in [(MeanTeacherTrainer_ema99_addedpatches, MeanTeacherTrainer_ema99),

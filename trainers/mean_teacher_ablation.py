@@ -108,3 +108,10 @@ class MeanTeacherTrainer_ema99_addedpatches(AddedRandomPatches, MeanTeacherTrain
 
 class MeanTeacherContinuityTrainer_ema99_addedpatches(AddedRandomPatches, MeanTeacherContinuityTrainer_ema99):
     """MeanTeacherContinuityTrainer_ema99 with the random patches added."""
+
+
+class MeanTeacherContinuityTrainer_ema99_stocksampling(MeanTeacherContinuityTrainer_ema99):
+    """MeanTeacherContinuityTrainer_ema99 on nnU-Net's own patch sampling (no random-voxel patches): both loss terms
+    on stock's batch, so set beside the defaults it tells what the random-voxel patches cost or bring."""
+
+    random_patch_fraction = 0.0
