@@ -37,6 +37,7 @@ from nnunet_ext.trainers import (
     PseudoLabelEnsembleTrainer,
     PseudoLabelSelfTrainingTrainer,
     PseudoLabelWeightedTrainer,
+    PseudoLabelWeightedTrainer_addedpatches,
 )
 
 pytestmark = pytest.mark.integration
@@ -128,6 +129,39 @@ def test_self_training_from_stock_3d_fullres_through_the_clis(tiny_dataset, trai
     assert log.count("loss_pseudo ") == 2  # one line per epoch
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["trainer_name"] == trainer and final["current_epoch"] == 2
+
+
+def test_2d_self_training_on_its_own_pseudo_labels_through_the_clis(tiny_dataset_2d, trained_2d, monkeypatch):
+    """The 2d configuration as the learner: stock 2d's pseudo-labels in the 2d preprocessed geometry, then
+    PseudoLabelWeightedTrainer_addedpatches on 2d sees the unannotated slices that stock 2d never samples."""
+    env, ds = train_env(tiny_dataset_2d.env), str(tiny_dataset_2d.dataset_id)
+    results = tiny_dataset_2d.root / "nnUNet_results"
+    cli("nnunet-ext", "pseudolabels", "-d", ds, "--from", "2d", "-tr", trained_2d, "-p", PLANS, "-f", "0",
+        "--to", "2d", "-device", "cpu", "--disable-tta", env=env)
+    (dataset,) = (tiny_dataset_2d.root / "nnUNet_preprocessed").glob("Dataset007_*")
+    folder = pseudo_label_folder(dataset, "nnUNetPlans_2d", 0)
+    record = load_record(folder)
+    assert record["method"] == "self-training: 2d -> 2d" and record["target"]["data_identifier"] == "nnUNetPlans_2d"
+
+    # The stored labels are the 2D model's own prediction on its preprocessed data (no round-trip loss here either).
+    monkeypatch.setenv("nnUNet_extTrainer", tiny_dataset_2d.env["nnUNet_extTrainer"])
+    case = record["cases"][0]
+    data = blosc2.open(urlpath=str(dataset / "nnUNetPlans_2d" / f"{case}.b2nd"), mode="r")[:]
+    probabilities = softmax_on_preprocessed(results, dataset, "2d", data)
+    stored = blosc2.open(urlpath=str(folder / f"{case}.b2nd"), mode="r")[:]
+    assert np.array_equal(stored[0], probabilities.argmax(0).numpy())
+
+    # The variant the README recommends on 2d: stock's batch of 2 for L_s, 2 random-voxel patches added for L_p.
+    trainer = "PseudoLabelWeightedTrainer_addedpatches_exttest_noval"
+    cli("nnUNetv2_train", ds, "2d", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", env=env)
+    fold = next(results.glob(f"Dataset007_*/{trainer}__{PLANS}__2d/fold_0"))
+    log = read_log(fold)
+    assert "training batches of 4: 2 random-voxel patches in front of nnU-Net's 2" in log
+    fractions = [float(line.split("pseudo_fraction ")[1].split(",")[0]) for line in log.splitlines()
+                 if "pseudo_fraction " in line]
+    # 12 random slices, 3 in 4 unannotated: all 12 annotated (no pseudo-labelled voxel) has odds 4^-12.
+    assert len(fractions) == 2 and sum(fractions) > 0
+    assert_predicts_the_test_volume(tiny_dataset_2d, trainer, configuration="2d", plans=PLANS)
 
 
 def test_ensemble_pseudolabels_are_the_mean_of_stock_2d_and_3d_fullres_through_the_clis(tiny_dataset, trained_2d,
@@ -256,11 +290,7 @@ def test_pseudo_labels_stay_aligned_with_the_labels_through_augmentation(tiny_da
 def test_added_random_patches_get_pseudo_labels_but_no_supervised_loss(tiny_dataset, in_process):
     write_dense_truth_pseudo_labels(tiny_dataset, fold=2)
 
-    class AddedPatches(PseudoLabelWeightedTrainer):
-        random_patch_fraction = 0.0
-        added_random_patches = 1.0
-
-    trainer = in_process(AddedPatches, fold=2)
+    trainer = in_process(PseudoLabelWeightedTrainer_addedpatches, fold=2)
     assert (trainer.batch_size, trainer.added_patches) == (4, 2)  # tiny plans: batch 2, as many added in front
     (batch,) = draw_batches(trainer, 1)
     seen = record_supervised_loss(trainer)

@@ -41,8 +41,10 @@ from nnunet_ext.trainers.mean_teacher_pseudo_label import (
 from nnunet_ext.trainers.pseudo_label import (
     PseudoLabelConfidenceTrainer,
     PseudoLabelEnsembleTrainer,
+    PseudoLabelEnsembleTrainer_addedpatches,
     PseudoLabelSelfTrainingTrainer,
     PseudoLabelWeightedTrainer,
+    PseudoLabelWeightedTrainer_addedpatches,
 )
 
 __all__ = [
@@ -79,6 +81,8 @@ __all__ = [
     "PseudoLabelConfidenceTrainer",
     "PseudoLabelSelfTrainingTrainer",
     "PseudoLabelEnsembleTrainer",
+    "PseudoLabelWeightedTrainer_addedpatches",
+    "PseudoLabelEnsembleTrainer_addedpatches",
     "MeanTeacherContinuityPseudoLabelTrainer",
     "MeanTeacherContinuityPseudoLabelTrainer_ema99",
 ]

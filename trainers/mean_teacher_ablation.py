@@ -8,6 +8,7 @@ from nnunet_ext.trainers.mean_teacher import (
     MeanTeacherTrainer_ema99,
     MeanTeacherTrainer_ema99_paperloss,
 )
+from nnunet_ext.trainers.semi_supervised_base import AddedRandomPatches
 
 
 class MeanTeacherTrainer_ema99_nossl(MeanTeacherTrainer_ema99_paperloss):
@@ -91,14 +92,6 @@ class MeanTeacherContinuityTrainer_ema99_fixed_edgeaware_noperturb(MeanTeacherCo
     on gala_fibsem): the flagship with nothing measured to cost it."""
 
     perturbed_network = "none"
-
-
-class AddedRandomPatches:
-    """Random-voxel patches *added* to nnU-Net's batch (as many again) instead of replacing half of it: the supervised
-    loss sees exactly stock's batch, the consistency and continuity terms every patch."""
-
-    random_patch_fraction = 0.0
-    added_random_patches = 1.0
 
 
 class MeanTeacherTrainer_ema99_addedpatches(AddedRandomPatches, MeanTeacherTrainer_ema99):

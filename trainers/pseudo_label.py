@@ -21,7 +21,7 @@ from nnunet_ext.pseudo_label_generation import (
     pseudolabels_command,
 )
 from nnunet_ext.semi_supervised import VoxelWeightedDiceCE, split_pseudo_label_target, unlabeled_mask
-from nnunet_ext.trainers.semi_supervised_base import SemiSupervisedTrainer, first_output
+from nnunet_ext.trainers.semi_supervised_base import AddedRandomPatches, SemiSupervisedTrainer, first_output
 
 
 def nearest_segmentation_sampling(transforms):
@@ -42,7 +42,11 @@ def nearest_segmentation_sampling(transforms):
 
 
 class PseudoLabelWeightedTrainer(SemiSupervisedTrainer):
-    """3D training on sparse labels + alpha-weighted 2D pseudo-labels on the ignore-label voxels (alpha = 0.5)."""
+    """3D training on sparse labels + alpha-weighted 2D pseudo-labels on the ignore-label voxels (alpha = 0.5).
+
+    On the 2d configuration (pseudo-labels made ``--to 2d``) it is 2D self-training: stock 2d centres its patches on
+    annotated voxels, so it only ever sees the annotated slices; here half of the patches are unannotated slices.
+    """
 
     pseudo_label_weight: float = 0.5  # alpha
     # Multiply each voxel's weight by the source model's confidence in its pseudo-label (PseudoLabelConfidenceTrainer).
@@ -55,7 +59,7 @@ class PseudoLabelWeightedTrainer(SemiSupervisedTrainer):
         if self.is_cascaded or self.label_manager.has_regions:
             raise RuntimeError(f"{type(self).__name__} needs a configuration without previous stage and a dataset "
                                f"without regions: pseudo-labels are one class per voxel in extra segmentation "
-                               f"channels; train 3d_fullres of a label-based dataset")
+                               f"channels; train 2d or 3d_fullres of a label-based dataset")
         super().initialize()
         record = load_record(self.pseudo_label_folder())
         if record is None:
@@ -170,3 +174,12 @@ class PseudoLabelEnsembleTrainer(PseudoLabelWeightedTrainer):
     data."""
 
     pseudo_label_source: str = "2d+3d_fullres"
+
+
+class PseudoLabelWeightedTrainer_addedpatches(AddedRandomPatches, PseudoLabelWeightedTrainer):
+    """PseudoLabelWeightedTrainer with its random-voxel patches added to nnU-Net's batch instead of replacing half of
+    it: on the 2d configuration (tiny plans: batch 2) replacing half halves the patches the supervised loss sees."""
+
+
+class PseudoLabelEnsembleTrainer_addedpatches(AddedRandomPatches, PseudoLabelEnsembleTrainer):
+    """PseudoLabelEnsembleTrainer with its random-voxel patches added (see PseudoLabelWeightedTrainer_addedpatches)."""

@@ -248,3 +248,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         fig.tight_layout()
         fig.savefig(join(self.output_folder, "ssl_progress.png"))
         plt.close(fig)
+
+
+class AddedRandomPatches:
+    """Random-voxel patches *added* to nnU-Net's batch (as many again) instead of replacing half of it: the supervised
+    loss sees exactly stock's batch, the semi-supervised terms every patch."""
+
+    random_patch_fraction = 0.0
+    added_random_patches = 1.0

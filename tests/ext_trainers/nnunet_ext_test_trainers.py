@@ -16,6 +16,7 @@ from nnunet_ext.trainers import (
     PseudoLabelEnsembleTrainer,
     PseudoLabelSelfTrainingTrainer,
     PseudoLabelWeightedTrainer,
+    PseudoLabelWeightedTrainer_addedpatches,
 )
 from nnunet_ext.trainers.budget import TrainingBudgetMixin
 
@@ -56,6 +57,11 @@ class MeanTeacherContinuityTrainer_addedpatches_exttest_noval(NoFinalValidation,
 
 
 class PseudoLabelWeightedTrainer_exttest_noval(NoFinalValidation, TestBudget, PseudoLabelWeightedTrainer):
+    pass
+
+
+class PseudoLabelWeightedTrainer_addedpatches_exttest_noval(NoFinalValidation, TestBudget,
+                                                           PseudoLabelWeightedTrainer_addedpatches):
     pass
 
 
