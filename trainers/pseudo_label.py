@@ -45,7 +45,8 @@ class PseudoLabelWeightedTrainer(SemiSupervisedTrainer):
     """3D training on sparse labels + alpha-weighted 2D pseudo-labels on the ignore-label voxels (alpha = 0.5).
 
     On the 2d configuration (pseudo-labels made ``--to 2d``) it is 2D self-training: stock 2d centres its patches on
-    annotated voxels, so it only ever sees the annotated slices; here half of the patches are unannotated slices.
+    annotated voxels, so it only ever sees the annotated slices; here the random-voxel patches are unannotated slices.
+    Use the ``_addedpatches`` variants there: replacing half of 2d's small batch halves the supervised patches.
     """
 
     pseudo_label_weight: float = 0.5  # alpha
