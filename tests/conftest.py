@@ -82,6 +82,11 @@ def tiny_dataset_2d(tiny_dataset) -> TinyDataset:
     return tiny_dataset
 
 
+def read_training_log(fold) -> str:
+    """All of nnU-Net's training_log_*.txt of a fold folder (one per start, resumes included), oldest first."""
+    return "\n".join(p.read_text() for p in sorted(Path(fold).glob("training_log_*.txt")))
+
+
 def record_supervised_loss(trainer) -> list[tuple]:
     """Each (output, target) the trainer's supervised loss (``trainer.loss``) is called with, from now on."""
     calls = []

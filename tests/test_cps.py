@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_DATASET_ID, assert_predicts_the_test_volume, cli, record_supervised_loss, train_env
+from conftest import (
+    TINY_DATASET_ID,
+    assert_predicts_the_test_volume,
+    cli,
+    read_training_log,
+    record_supervised_loss,
+    train_env,
+)
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -50,16 +57,12 @@ def results_folder(tiny_dataset, trainer: str):
                                                             "/fold_0"))
 
 
-def read_log(fold) -> str:
-    return "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
-
-
 def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
     env, ds = train_env(tiny_dataset.env), str(tiny_dataset.dataset_id)
     args = [ds, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnUNetPlans_tiny", "-device", "cpu"]
     cli("nnUNetv2_train", *args, env=env)
     fold = results_folder(tiny_dataset, TRAINER)
-    log = read_log(fold)
+    log = read_training_log(fold)
     assert "'cps_weight': 1.0, 'cps_warmup': (0.05, 0.2), 'cps_loss': 'dice'" in log
     # One SSL line and one line of per-branch pseudo Dice per epoch; lambda 0 at epoch 0 (0 % of training), full
     # at epoch 1 (50 %).
@@ -82,7 +85,7 @@ def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
     cli("nnUNetv2_train", *args, "--c", env=env)
     resumed = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert resumed["current_epoch"] == 2
-    assert read_log(fold).count("loss_sup_a ") == 2 + (2 - best_epoch)
+    assert read_training_log(fold).count("loss_sup_a ") == 2 + (2 - best_epoch)
     assert len(resumed["logging"]["ema_dice_a"]) == 2
 
 
@@ -96,7 +99,7 @@ def test_ensemble_trains_and_predicts_through_the_real_clis(tiny_dataset):
     expected = {f"members.{i}.{k}": v for i, name in enumerate("ab") for k, v in branches[name].items()}
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], v) for k, v in expected.items())
-    assert "network_weights: ensemble" in read_log(fold)
+    assert "network_weights: ensemble" in read_training_log(fold)
     assert_predicts_the_test_volume(tiny_dataset, ENSEMBLE)
 
 
@@ -104,7 +107,7 @@ def test_pagano_et_al_mixed_supervision_trains_and_predicts_through_the_real_cli
     trainer = "CPSCutMixTrainer_mixedsup_exttest_noval"
     cli("nnUNetv2_train", str(tiny_dataset.dataset_id), "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_tiny",
         "-device", "cpu", env=train_env(tiny_dataset.env))
-    log = read_log(results_folder(tiny_dataset, trainer))
+    log = read_training_log(results_folder(tiny_dataset, trainer))
     assert "'supervised_input': 'mixed'" in log and log.count("loss_sup_a ") == 2
     assert_predicts_the_test_volume(tiny_dataset, trainer)
 

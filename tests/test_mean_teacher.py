@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_predicts_the_test_volume, cli, record_supervised_loss, train_env
+from conftest import assert_predicts_the_test_volume, cli, read_training_log, record_supervised_loss, train_env
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.semi_supervised import unwrap
@@ -232,7 +232,7 @@ def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
     cli("nnUNetv2_train", *args, env=env)
     fold = next((tiny_dataset.root / "nnUNet_results").glob(f"Dataset007_*/{TRAINER}__nnUNetPlans_tiny__3d_fullres"
                                                             "/fold_0"))
-    log = "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
+    log = read_training_log(fold)
     assert "continuity loss along preprocessed axis 0 (dataset.json annotation_axis=0" in log
     assert "'consistency_weight': 1.0" in log and "'continuity_weight': 1.0" in log
     assert log.count("loss_sup ") == 2 and "passed_fraction" in log  # one SSL line per epoch
@@ -255,7 +255,7 @@ def test_train_predict_and_resume_through_the_real_clis(tiny_dataset):
     resumed = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert resumed["current_epoch"] == 2
     assert resumed["ema_step"] == 3 * best_epoch + 3 * (2 - best_epoch)
-    log = "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
+    log = read_training_log(fold)
     assert log.count("loss_sup ") == 2 + (2 - best_epoch)
 
 
@@ -300,7 +300,7 @@ def test_continuity_with_added_patches_trains_and_predicts_through_the_real_clis
     trainer = "MeanTeacherContinuityTrainer_addedpatches_exttest_noval"
     cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_tiny", "-device", "cpu", env=env)
     fold = next((tiny_dataset.root / "nnUNet_results").glob(f"Dataset*/{trainer}__nnUNetPlans_tiny__3d_fullres/fold_0"))
-    log = "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
+    log = read_training_log(fold)
     assert "'random_patch_fraction': 0.0, 'added_random_patches': 1.0" in log
     assert "training batches of 4: 2 random-voxel patches in front of nnU-Net's 2" in log  # tiny plans: batch 2
     assert_predicts_the_test_volume(tiny_dataset, trainer)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
-from conftest import assert_predicts_the_test_volume, cli, record_supervised_loss, train_env
+from conftest import assert_predicts_the_test_volume, cli, read_training_log, record_supervised_loss, train_env
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -45,10 +45,6 @@ PLANS = "nnUNetPlans_tiny"
 DATA_IDENTIFIER = "nnUNetPlans_3d_fullres"
 IGNORE = 3
 MODEL_2D = "nnUNetTrainer_exttest_noval"
-
-
-def read_log(fold_folder) -> str:
-    return "\n".join(p.read_text() for p in sorted(fold_folder.glob("training_log_*.txt")))
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +95,7 @@ def test_2d_training_pseudolabels_3d_training_and_prediction_through_the_clis(ti
     trainer = "PseudoLabelWeightedTrainer_exttest_noval"  # final validation: the dense benchmark test runs it
     cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", env=env)
     fold = next(results.glob(f"Dataset007_*/{trainer}__{PLANS}__3d_fullres/fold_0"))
-    log = read_log(fold)
+    log = read_training_log(fold)
     assert "'pseudo_label_weight': 0.5" in log and "'confidence_weighting': False" in log
     assert f"pseudo-labels from {{'trainer': '{MODEL_2D}'" in log
     assert log.count("loss_pseudo ") == 2 and "mean_pseudo_weight 0.5" in log  # one line per epoch, alpha = 0.5
@@ -123,7 +119,7 @@ def test_self_training_from_stock_3d_fullres_through_the_clis(tiny_dataset, trai
     trainer = "PseudoLabelSelfTrainingTrainer_exttest_noval"
     cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", env=env)
     fold = next((tiny_dataset.root / "nnUNet_results").glob(f"Dataset007_*/{trainer}__{PLANS}__3d_fullres/fold_0"))
-    log = read_log(fold)
+    log = read_training_log(fold)
     assert f"pseudo-labels from {{'trainer': '{trained_stock.trainer}'" in log
     assert "'configuration': '3d_fullres'" in log
     assert log.count("loss_pseudo ") == 2  # one line per epoch
@@ -155,7 +151,7 @@ def test_2d_self_training_on_its_own_pseudo_labels_through_the_clis(tiny_dataset
     trainer = "PseudoLabelWeightedTrainer_addedpatches_exttest_noval"
     cli("nnUNetv2_train", ds, "2d", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", env=env)
     fold = next(results.glob(f"Dataset007_*/{trainer}__{PLANS}__2d/fold_0"))
-    log = read_log(fold)
+    log = read_training_log(fold)
     assert "training batches of 4: 2 random-voxel patches in front of nnU-Net's 2" in log
     fractions = [float(line.split("pseudo_fraction ")[1].split(",")[0]) for line in log.splitlines()
                  if "pseudo_fraction " in line]
@@ -199,7 +195,7 @@ def test_ensemble_pseudolabels_are_the_mean_of_stock_2d_and_3d_fullres_through_t
     trainer = "PseudoLabelEnsembleTrainer_exttest_noval"
     cli("nnUNetv2_train", ds, "3d_fullres", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", env=env)
     fold = next(results.glob(f"Dataset007_*/{trainer}__{PLANS}__3d_fullres/fold_0"))
-    log = read_log(fold)
+    log = read_training_log(fold)
     assert "'configuration': '2d+3d_fullres'" in log and log.count("loss_pseudo ") == 2  # one line per epoch
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["trainer_name"] == trainer and final["current_epoch"] == 2
