@@ -261,6 +261,14 @@ def test_added_random_patches_stay_out_of_the_supervised_loss_of_both_branches(i
                 assert torch.equal(got, expected[2:])
 
 
+def test_a_batch_without_unlabeled_voxels_logs_its_agreement_as_undefined(in_process):
+    trainer = in_process()
+    (batch,) = draw_batches(trainer, 1)
+    # Every voxel annotated: the branches' agreement on unlabeled voxels is nan (left out of the epoch mean), not 0.
+    annotated = {**batch, "target": [torch.where(t == IGNORE, 0, t) for t in batch["target"]]}
+    assert np.isnan(trainer.train_step(annotated)["agreement"])
+
+
 def test_identical_branches_agree_everywhere(in_process):
     trainer = in_process()
     unwrap(trainer.network_b).load_state_dict(unwrap(trainer.network).state_dict())

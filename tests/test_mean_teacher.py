@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -217,6 +218,16 @@ def test_continuity_leaves_out_the_teachers_edges_on_request(build_in_process, m
         assert seen["labels"] is None  # every unlabeled pair counts (the paper)
     else:
         assert torch.equal(seen["labels"], teacher.argmax(1, keepdim=True))  # full-resolution teacher classes
+
+
+def test_a_batch_without_unlabeled_voxels_logs_its_passed_fraction_as_undefined(build_in_process):
+    trainer = build_in_process(MeanTeacherTrainer)
+    (batch,) = draw_batches(trainer, 1)
+    assert (first_output(batch["target"]) == IGNORE).any()  # the tiny dataset's patches hold unlabeled voxels
+    assert 0 <= trainer.train_step(batch)["passed_fraction"] <= 1
+    # Every voxel annotated: no fraction to report (nan, left out of the epoch mean), rather than 0.
+    annotated = {**batch, "target": [torch.where(t == IGNORE, 0, t) for t in batch["target"]]}
+    assert math.isnan(trainer.train_step(annotated)["passed_fraction"])
 
 
 def test_an_unknown_perturbed_network_is_refused(build_in_process):

@@ -32,6 +32,7 @@ from nnunet_ext.pseudo_label_generation import (
 )
 from nnunet_ext.semi_supervised import VoxelWeightedDiceCE, split_pseudo_label_target
 from nnunet_ext.trainers import PseudoLabelConfidenceTrainer, PseudoLabelWeightedTrainer
+from nnunet_ext.trainers.semi_supervised_base import mean_of_defined
 
 
 def dice(batch_dice=False, smooth=0.0):
@@ -269,3 +270,12 @@ def test_geometry_rejects_a_case_of_another_shape():
         {"labels": {"background": 0, "ball": 1, "box": 2}, "channel_names": {"0": "x"}, "file_ending": ".nii.gz"})
     with pytest.raises(ValueError, match="do not match the preprocessed case"):
         to_preprocessed_geometry(np.zeros((3, 10, 14, 11), np.float32), properties, plans, configuration)
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ([0.5, float("nan"), 0.25], 0.375),  # (0.5 + 0.25) / 2: the undefined step is left out
+    ([0.0, 0.5], 0.25),  # a defined 0 still counts
+    ([float("nan"), float("nan")], float("nan")),  # nothing defined in the whole epoch
+])
+def test_epoch_mean_of_a_logged_quantity_leaves_out_undefined_steps(values, expected):
+    assert mean_of_defined(values) == pytest.approx(expected, nan_ok=True)

@@ -301,6 +301,26 @@ def test_added_random_patches_get_pseudo_labels_but_no_supervised_loss(tiny_data
     assert step["pseudo_fraction"] == pytest.approx((full[:, 0] == IGNORE).float().mean().item())
 
 
+def test_steps_without_pseudo_labelled_voxels_do_not_pull_the_logged_mean_weight_down(tiny_dataset, in_process):
+    write_dense_truth_pseudo_labels(tiny_dataset, fold=2)
+    trainer = in_process(PseudoLabelWeightedTrainer, fold=2)
+    (batch,) = draw_batches(trainer, 1)
+    _, pseudo_labels, weights = trainer.split_targets(batch["target"])
+    with torch.no_grad():
+        output = trainer.network(batch["data"])
+        _, none_selected = trainer.pseudo_label_term(output, pseudo_labels, [torch.zeros_like(w) for w in weights])
+        _, some_selected = trainer.pseudo_label_term(output, pseudo_labels, weights)
+    assert np.isnan(none_selected["mean_pseudo_weight"]) and none_selected["pseudo_fraction"] == 0
+    assert some_selected["mean_pseudo_weight"] == pytest.approx(0.5)  # alpha, no confidence weighting
+
+    # The epoch mean of two such steps: the weight over the step that had pseudo-labelled voxels, the fraction over both.
+    steps = [{"loss": 1.0, "loss_sup": 1.0, **logged} for logged in (none_selected, some_selected)]
+    trainer.on_train_epoch_end(steps)
+    assert trainer.logger.get_value("mean_pseudo_weight", step=None)[-1] == pytest.approx(0.5)
+    assert trainer.logger.get_value("pseudo_fraction", step=None)[-1] == pytest.approx(
+        some_selected["pseudo_fraction"] / 2)
+
+
 def test_mean_teacher_on_pseudo_labels_adds_every_term_on_the_student(tiny_dataset, in_process):
     write_dense_truth_pseudo_labels(tiny_dataset, fold=2)
     trainer = in_process(MeanTeacherContinuityPseudoLabelTrainer_ema99, fold=2)

@@ -222,11 +222,11 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         collated = collate_outputs(train_outputs)
         values = {}
         for key in self.ssl_log_keys:
-            mean = float(np.mean(collated[key]))
+            mean = mean_of_defined(collated[key])
             if self.is_ddp:
                 gathered = [None] * dist.get_world_size()
                 dist.all_gather_object(gathered, mean)
-                mean = float(np.mean(gathered))
+                mean = mean_of_defined(gathered)
             values[key] = mean
             self.logger.log(key, mean, self.current_epoch)
         self.print_to_log_file(", ".join(f"{k} {v:.4g}" for k, v in values.items()))
@@ -248,6 +248,13 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         fig.tight_layout()
         fig.savefig(join(self.output_folder, "ssl_progress.png"))
         plt.close(fig)
+
+
+def mean_of_defined(values) -> float:
+    """Mean of the values that are not nan (a step where a logged quantity is undefined reports nan); nan if none."""
+    values = np.asarray(values, dtype=np.float64)
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else float("nan")
 
 
 class AddedRandomPatches:
