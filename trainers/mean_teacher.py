@@ -37,8 +37,8 @@ def split_views(output, n: int):
 class MeanTeacherTrainer(SemiSupervisedTrainer):
     """The SSL baseline of the paper: Mean-Teacher consistency only (lambda_cont = 0).
 
-    The loss settings are the ones the README's ablation kept (level with or ahead of stock nnU-Net), not the paper's
-    (``PaperLossSettings``, which lost to stock under nnU-Net's optimizer).
+    The loss settings are the ones the ablation in docs/results.md kept (level with or ahead of stock nnU-Net), not
+    the paper's (``PaperLossSettings``, which lost to stock under nnU-Net's optimizer).
     """
 
     ema_alpha: float = 0.999

@@ -1,5 +1,5 @@
 """One-change variants of the short-budget Mean-Teacher trainers with the paper's loss settings, for the ablation
-that asked why they trail stock nnU-Net (the README's ablation tables): each class changes the attributes of one
+that asked why they trail stock nnU-Net (docs/results.md): each class changes the attributes of one
 hypothesis. What it found became the defaults of MeanTeacherTrainer / MeanTeacherContinuityTrainer."""
 
 from nnunet_ext.trainers.mean_teacher import (
