@@ -151,7 +151,7 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         return {"loss": loss.detach().cpu().numpy(), "loss_sup": loss_sup.item(), "loss_cons": loss_cons.item(),
                 "loss_cont": loss_cont.item(), "lambda_cons": lambda_cons, "lambda_cont": lambda_cont,
                 # Undefined (nan) without unlabeled voxels, so that the epoch mean leaves such a step out.
-                "passed_fraction": float(passed_fraction) if unlabeled.any() else float("nan"), **extra_logs}
+                "passed_fraction": torch.where(unlabeled.any(), passed_fraction, torch.nan).item(), **extra_logs}
 
     # ---- the teacher is what validation scores and nnUNetv2_predict loads
     def inference_network(self) -> torch.nn.Module:

@@ -139,10 +139,9 @@ class PseudoLabelWeightedTrainer(SemiSupervisedTrainer):
         loss_pseudo = self.pseudo_label_loss(output, pseudo_labels, weights)
         full_resolution = first_output(weights)
         selected = full_resolution > 0
-        # nan, not 0, in a batch without pseudo-labelled voxels: the epoch mean then leaves that step out.
-        mean_weight = full_resolution.sum() / selected.sum() if selected.any() else torch.tensor(float("nan"))
+        # 0 / 0 = nan in a batch without pseudo-labelled voxels: the epoch mean then leaves that step out.
         return loss_pseudo, {"loss_pseudo": loss_pseudo.item(), "pseudo_fraction": selected.float().mean().item(),
-                             "mean_pseudo_weight": mean_weight.item()}
+                             "mean_pseudo_weight": (full_resolution.sum() / selected.sum()).item()}
 
     def train_step(self, batch: dict) -> dict:
         data, target = self.batch_to_device(batch)
